@@ -1,0 +1,226 @@
+"""One re-authored decoder for Gemma 1, 2 and 3 text models, written to be exported.
+
+Read top to bottom: RMSNorm, RoPE, the KV cache, attention, the MLP, a block, the model.
+Every family difference is a switch in GemmaConfig (softcaps, post-norms, QK-norm,
+sliding-window layers, per-layer RoPE base), never a branch on a family name.
+
+Export-friendliness, decided up front:
+- a static KV cache of `max_seq_len` positions per layer, held as buffers and written in
+  place at explicit positions; no ring buffer: sliding-window layers keep the full length and
+  the window is a mask computed from positions, so it stays right past the window;
+- one code path for a prefill of T tokens and a decode of 1 token: forward(tokens, input_pos)
+  where input_pos is the start position, as ExecuTorch's LLM runner passes it;
+- no data-dependent Python control flow;
+- grouped-query attention folds the query groups into the sequence axis instead of expanding
+  K/V to every query head: litert-torch converts `q @ expand(k)^T` wrongly
+  (shared/notes/litert-attention.md), and the fold is also cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge.models.config import GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: the weight is stored as an offset from 1 and applied as (1 + w)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32 and multiplied by (1 + w) before casting back, as the reference does
+        # (transformers PR 29402: Gemma is (x * w).to(dtype), not x.to(dtype) * w).
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_table(head_dim: int, theta: float, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_seq_len, head_dim) for the non-interleaved ("rotate half") RoPE."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (D/2,)
+    pos = torch.arange(max_seq_len, dtype=torch.int64).float()
+    freqs = torch.outer(pos, inv_freq)  # (S, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos, sin (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Static cache of one layer: k, v (B, Hkv, S, D), written at explicit positions."""
+
+    def __init__(self, max_batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (T,) int64; k, v (B, Hkv, T, D). Returns the whole cache (B, Hkv, S, D)."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+        self.cache: KVCache | None = None
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """x (B, T, dim); pos (T,); cos, sin (T, D); mask (T, S) additive. Returns (B, T, dim)."""
+        B, T, _ = x.shape
+        G = self.n_heads // self.n_kv
+        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, Hq, T, D)
+        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        assert self.cache is not None, "call Gemma.setup_cache() first"
+        k_all, v_all = self.cache.update(pos, k, v)  # (B, Hkv, S, D)
+
+        # Fold: query heads j*G .. j*G+G-1 share KV head j (transformers' repeat_kv order), so
+        # (B, Hq, T, D) -> (B, Hkv, G*T, D) attends to k_all with no K/V expansion.
+        qf = q.reshape(B, self.n_kv, G * T, self.hd)
+        scores = torch.matmul(qf, k_all.transpose(2, 3)) * self.scale  # (B, Hkv, G*T, S)
+        if self.cfg.attn_softcap is not None:
+            scores = torch.tanh(scores / self.cfg.attn_softcap) * self.cfg.attn_softcap
+        scores = scores + mask.repeat(G, 1)  # mask (T, S) -> (G*T, S), same for every group
+        probs = F.softmax(scores.float(), dim=-1).type_as(q)
+        out = torch.matmul(probs, v_all)  # (B, Hkv, G*T, D)
+        out = out.reshape(B, self.n_heads, T, self.hd).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        return self.wo(out)
+
+
+class MLP(nn.Module):
+    """GeGLU with the tanh-approximate GELU."""
+
+    def __init__(self, cfg: GemmaConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GemmaConfig, layer: int) -> None:
+        super().__init__()
+        self.local = cfg.is_local(layer)
+        self.post_norms = cfg.post_norms
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        if cfg.post_norms:
+            self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.post_mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), pos, cos, sin, mask)
+        if self.post_norms:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_norms:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class Gemma(nn.Module):
+    """forward(tokens (B, T) int64, input_pos (1,) int64 start position) -> logits.
+
+    Returns the last position's logits (B, V) by default (what on-device runners need; it
+    spares a (T, V) head matmul at prefill) or every position's (B, T, V) with all_logits=True.
+    """
+
+    def __init__(self, cfg: GemmaConfig, max_seq_len: int = 1024, max_batch: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.max_seq_len = 0
+        self.setup_cache(max_seq_len, max_batch)
+
+    def setup_cache(self, max_seq_len: int, max_batch: int = 1, dtype: torch.dtype | None = None) -> None:
+        """(Re)allocate the KV caches and the RoPE tables for max_seq_len positions."""
+        dtype = dtype or self.embed.weight.dtype
+        self.max_seq_len = max_seq_len
+        for layer in self.layers:
+            layer.attn.cache = KVCache(max_batch, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype)
+        for name, theta in (("global", self.cfg.rope_theta), ("local", self.cfg.rope_local_theta)):
+            cos, sin = rope_table(self.cfg.head_dim, theta, max_seq_len)
+            self.register_buffer(f"rope_cos_{name}", cos.to(dtype), persistent=False)
+            self.register_buffer(f"rope_sin_{name}", sin.to(dtype), persistent=False)
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.cache.k.zero_()
+            layer.attn.cache.v.zero_()
+
+    def masks(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Additive masks (T, S) from positions: causal for global layers, plus the window for local."""
+        q = pos.unsqueeze(1)  # (T, 1)
+        kv = torch.arange(self.max_seq_len, dtype=pos.dtype, device=pos.device).unsqueeze(0)  # (1, S)
+        causal = kv <= q
+        # transformers' sliding_window_overlay: key kv is visible from query q when kv > q - window.
+        window = self.cfg.sliding_window if self.cfg.sliding_window is not None else self.max_seq_len
+        local = causal & (kv > q - window)
+        neg_inf = torch.tensor(float("-inf"), dtype=self.embed.weight.dtype)
+        zero = torch.tensor(0.0, dtype=self.embed.weight.dtype)
+        return torch.where(causal, zero, neg_inf), torch.where(local, zero, neg_inf)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        T = tokens.shape[1]
+        pos = input_pos[:1] + torch.arange(T, dtype=torch.int64, device=tokens.device)  # (T,)
+        # Embeddings are stored unscaled; the reference multiplies by sqrt(dim) in the weights' dtype.
+        x = self.embed(tokens) * torch.tensor(math.sqrt(self.cfg.dim), dtype=self.embed.weight.dtype)  # (B, T, dim)
+        global_mask, local_mask = self.masks(pos)
+        rope = {
+            False: (self.rope_cos_global[pos], self.rope_sin_global[pos], global_mask),  # (T, D), (T, D), (T, S)
+            True: (self.rope_cos_local[pos], self.rope_sin_local[pos], local_mask),
+        }
+        for layer in self.layers:
+            cos, sin, mask = rope[layer.local]
+            x = layer(x, pos, cos, sin, mask)
+        x = self.norm(x)
+        if not all_logits:
+            x = x[:, -1, :]  # (B, dim)
+        logits = self.lm_head(x)  # (B, [T,] V)
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
