@@ -63,12 +63,13 @@ def check_complete(cfg: GemmaConfig, tensors: dict[str, torch.Tensor], source: s
 
 
 def assign(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy checked tensors into model (whose config is model.cfg), in the model's dtype."""
+    """Make checked tensors the model's parameters (no copy: the model may live on meta until now)."""
     check_complete(model.cfg, tensors, source)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t)
+    dtype = next(model.parameters()).dtype
+    state = {k: v.to(dtype) for k, v in tensors.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # assign=True replaced embed.weight: re-tie the head
 
 
 def random_tensors(cfg: GemmaConfig, seed: int = 0) -> dict[str, torch.Tensor]:

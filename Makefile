@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` (set up + run the main job) and `make test` (set up + tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= The three primary colors are
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint
+
+# torch goes first and pinned: here it takes the CPU wheel from disk; an unpinned torch pulls GBs of CUDA.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/edge generate --variant 270m --prompt "$(PROMPT)" --max-new-tokens 48
+
+test: setup
+	$(BIN)/ruff check edge tests
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow and not pi" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check edge tests
+	$(BIN)/ruff format --check edge tests

@@ -1,0 +1,131 @@
+"""`edge`: a thin Typer app. Parse, call edge.api, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edge.errors import EdgeError
+
+app = typer.Typer(
+    name="edge",
+    help="Take small Gemma models to phones, Raspberry Pis and laptops, and prove they are still Gemma.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Options shared by several commands, declared once.
+VariantOpt = Annotated[str, typer.Option("--variant", "-v", help="Variant name or alias (`edge variants`).")]
+WeightsOpt = Annotated[
+    Path | None, typer.Option("--weights", help="A .gguf file or a Hugging Face folder (config.json + *.safetensors).")
+]
+RandomOpt = Annotated[bool, typer.Option("--random-weights", help="Seeded random weights (structure and size tests).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random-weights and for sampling.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
+
+
+def _print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=None) + "\n")
+
+
+@app.command()
+def variants(as_json: JsonOpt = False) -> None:
+    """List the known Gemma variants, their sizes and where their weights come from."""
+    from edge import api
+
+    rows = api.variants()
+    if as_json:
+        _print_json({"variants": rows})
+        return
+    gb = lambda b: f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB"
+    head = f"{'name':<13} {'aliases':<10} {'family':<7} {'params':>7} {'fp32':>9} {'int8':>9} {'int4':>9}  weights"
+    typer.echo(head)
+    for r in rows:
+        s = r["size_bytes"]
+        typer.echo(
+            f"{r['name']:<13} {','.join(r['aliases']):<10} {r['family']:<7} {r['parameters'] / 1e6:>6.0f}M "
+            f"{gb(s['fp32']):>9} {gb(s['int8']):>9} {gb(s['int4']):>9}  {r['weight_source']}"
+        )
+    typer.echo("(int8 / int4 sizes: weights with one fp16 scale per 32; embedding and head included)")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")],
+    variant: VariantOpt = "gemma3-270m",
+    weights: WeightsOpt = None,
+    random_weights: RandomOpt = False,
+    seed: SeedOpt = 0,
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="Run an exported bundle instead.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most.")] = 64,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in Gemma's chat template.")] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 is greedy.")] = 0.0,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Sample from the k most likely tokens.")] = None,
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="KV cache length (prompt + output).")] = 1024,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate text, streamed to the terminal (greedy by default)."""
+    from edge import api
+    from edge.generation import SamplingConfig
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = api.generate(
+        prompt, variant=variant, weights=weights, random_weights=random_weights, seed=seed,
+        max_new_tokens=max_new_tokens, chat=chat, sampling=SamplingConfig(temperature, top_k, seed),
+        max_seq_len=max_seq_len, bundle=bundle, on_text=None if as_json else stream,
+    )
+    if as_json:
+        _print_json(result.to_json())
+        return
+    sys.stdout.write("\n")
+    typer.echo(
+        f"[{len(result.prompt_ids)} prompt tokens, {len(result.output_ids)} generated ({result.stop_reason}); "
+        f"prefill {result.prefill_tok_s:.1f} tok/s, decode {result.decode_tok_s:.1f} tok/s]",
+        err=True,
+    )
+
+
+@app.command()
+def doctor(as_json: JsonOpt = False) -> None:
+    """Versions, installed backends, memory and disk."""
+    from edge import api
+
+    info = api.doctor()
+    if as_json:
+        _print_json(info)
+        return
+    typer.echo(f"gemma-edge {info['gemma_edge']}  python {info['python']}  {info['platform']}  {info['cpus']} cpus")
+    typer.echo(f"memory {info['memory_gb']['available']} / {info['memory_gb']['total']} GB available")
+    typer.echo(f"cache {info['cache']['path']} ({info['cache']['free_gb']} GB free)")
+    typer.echo("packages:")
+    for name, ver in info["packages"].items():
+        typer.echo(f"  {name:<26} {ver or '-- not installed'}")
+    typer.echo("backends:")
+    for name, b in info["backends"].items():
+        typer.echo(f"  {name:<28} {'ok' if b['available'] else 'missing: ' + b['install']}")
+
+
+def main() -> None:
+    """Console entry point: EdgeError -> message + hint on stderr, exit 2, no traceback."""
+    try:
+        app()
+    except EdgeError as e:
+        typer.echo(f"error: {e.message}", err=True)
+        if e.hint:
+            typer.echo(f"hint: {e.hint}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

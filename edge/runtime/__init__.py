@@ -1,0 +1,23 @@
+"""Runners: one protocol for every way a model runs (eager torch, .pte, .tflite, .onnx).
+
+A runner owns its KV cache. prefill(ids) consumes a prompt and returns the last position's
+logits; decode(id) consumes one token and returns its logits; reset() empties the cache.
+Logits are numpy float32 (V,). Runners of device formats must not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Runner(Protocol):
+    max_seq_len: int
+    vocab_size: int
+
+    def reset(self) -> None: ...
+
+    def prefill(self, ids: list[int]) -> np.ndarray: ...
+
+    def decode(self, token: int) -> np.ndarray: ...
