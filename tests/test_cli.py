@@ -8,9 +8,7 @@ import pytest
 
 
 def edge(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edge", *args], capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", "edge", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_variants_json_lists_the_table():
@@ -32,8 +30,17 @@ def test_variants_table_is_readable():
 
 
 def test_generate_json_random_weights():
-    r = edge("generate", "--variant", "270m", "--random-weights", "--prompt", "Hello there",
-             "--max-new-tokens", "4", "--json")
+    r = edge(
+        "generate",
+        "--variant",
+        "270m",
+        "--random-weights",
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)  # the whole of stdout is one JSON object
     assert set(out) >= {"prompt_ids", "output_ids", "text", "prefill_tok_s", "decode_tok_s"}

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_config
 from edge.errors import EdgeError
+from edge.models.config import Family
 from edge.models.gemma import Gemma
 from edge.models.reference import build_reference
 from edge.models.weights import assign, random_tensors
-from edge.models.config import Family
 from edge.models.weights.hf import config_to_hf, load_hf
 
 
@@ -26,9 +26,24 @@ def hf_folder(tmp_path, family):
 def test_roundtrip_config_and_tensors(hf_folder):
     folder, cfg, tensors = hf_folder
     got_cfg, got = load_hf(folder)
-    for field in ("family", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "sliding_window",
-                  "layer_types", "attn_softcap", "final_softcap", "post_norms", "qk_norm", "query_pre_attn_scalar",
-                  "rope_theta", "rope_local_theta"):
+    for field in (
+        "family",
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "hidden_dim",
+        "sliding_window",
+        "layer_types",
+        "attn_softcap",
+        "final_softcap",
+        "post_norms",
+        "qk_norm",
+        "query_pre_attn_scalar",
+        "rope_theta",
+        "rope_local_theta",
+    ):
         assert getattr(got_cfg, field) == getattr(cfg, field), field
     assert set(got) == set(tensors)
     assert all(torch.equal(got[k], tensors[k]) for k in tensors)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = {
     "prose": ("The history of the printing press begins", False),
-    "code": ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", False),
+    "code": ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n', False),
     "chat": ("What is the capital of France? Answer in one sentence.", True),
 }
 NEW_TOKENS = 24
@@ -66,5 +66,7 @@ def test_greedy_continuation_and_logits_match_transformers(name, loaded, ours, h
     mine = EagerRunner(ours).all_logits(seq)
     theirs = hf_model(torch.tensor([seq])).logits[0].numpy()
     delta = float(np.abs(mine - theirs).max())
-    print(f"{name}: {len(seq)} positions, max |dlogit| {delta:.2e}, output {loaded.tokenizer.decode(result.output_ids)!r}")
+    print(
+        f"{name}: {len(seq)} positions, max |dlogit| {delta:.2e}, output {loaded.tokenizer.decode(result.output_ids)!r}"
+    )
     assert delta < 1e-3

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Family(str, Enum):
+class Family(StrEnum):
     GEMMA1 = "gemma"
     GEMMA2 = "gemma2"
     GEMMA3 = "gemma3"

@@ -110,7 +110,12 @@ def _load_embedded(variant: Variant) -> LoadedWeights:
     folder = cache_dir() / variant.name
     st, tok_path, meta_path = folder / "weights.safetensors", folder / "tokenizer.model", folder / "meta.json"
     want = {"format": CACHE_FORMAT, "source_sha256": pkg.EXPECTED_SHA256}
-    source = {"kind": "embedded", "package": variant.embedded_package, "path": str(gguf_path), "sha256": want["source_sha256"]}
+    source = {
+        "kind": "embedded",
+        "package": variant.embedded_package,
+        "path": str(gguf_path),
+        "sha256": want["source_sha256"],
+    }
     if meta_path.is_file() and st.is_file() and tok_path.is_file():
         meta = json.loads(meta_path.read_text())
         if {k: meta.get(k) for k in want} == want:
@@ -120,8 +125,9 @@ def _load_embedded(variant: Variant) -> LoadedWeights:
     say(f"converting {gguf_path.name} once; later loads read the cached safetensors")
     from edge.models.weights.gguf import GGUFFile, load_gguf
 
-    cfg, tensors = load_gguf(gguf_path)
-    tokenizer = Tokenizer.from_gguf(GGUFFile(gguf_path))
+    gguf = GGUFFile(gguf_path)
+    cfg, tensors = load_gguf(gguf)
+    tokenizer = Tokenizer.from_gguf(gguf)
     folder.mkdir(parents=True, exist_ok=True)
     # Written under temporary names and renamed: an interrupted conversion leaves no valid-looking cache.
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(st.with_suffix(".tmp")))
@@ -165,10 +171,12 @@ def load_weights(
             tokenizer = Tokenizer.from_hf_folder(path)
             source = {"kind": "hf", "path": str(path)}
         else:
-            from edge.models.weights.gguf import GGUFFile, load_gguf
+            from edge.models.weights.gguf import GGUFFile, config_from_gguf, load_gguf
 
-            cfg, tensors = load_gguf(path)
-            tokenizer = Tokenizer.from_gguf(GGUFFile(path))
+            gguf = GGUFFile(path)  # parsed once, for the config, the tokenizer and the tensors
+            _check_matches_variant(variant, config_from_gguf(gguf), path)  # before the slow dequantization
+            cfg, tensors = load_gguf(gguf)
+            tokenizer = Tokenizer.from_gguf(gguf)
             source = {"kind": "gguf", "path": str(path)}
         _check_matches_variant(variant, cfg, path)
         loaded = LoadedWeights(variant, cfg, tensors, tokenizer, source, path if source["kind"] == "gguf" else None)

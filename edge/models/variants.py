@@ -31,6 +31,7 @@ class Variant:
         return int(self.config.num_params() * bits / 8)
 
 
+# fmt: off
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
@@ -76,6 +77,8 @@ VARIANTS: dict[str, Variant] = {
         ),
     )
 }
+
+# fmt: on
 
 DEFAULT_VARIANT = "gemma3-270m"
 

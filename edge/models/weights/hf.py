@@ -96,7 +96,9 @@ def config_from_hf(d: dict) -> GemmaConfig:
     fam = MODEL_TYPES[mt]
     n = d["num_hidden_layers"]
     rope = d.get("rope_parameters") or {}
-    theta = rope.get("full_attention", {}).get("rope_theta", d.get("rope_theta", 10_000.0 if fam != Family.GEMMA3 else 1e6))
+    theta = rope.get("full_attention", {}).get(
+        "rope_theta", d.get("rope_theta", 10_000.0 if fam != Family.GEMMA3 else 1e6)
+    )
     local_theta = rope.get("sliding_attention", {}).get("rope_theta", d.get("rope_local_base_freq", 10_000.0))
     if fam != Family.GEMMA3:
         local_theta = theta
@@ -142,18 +144,30 @@ def config_from_hf(d: dict) -> GemmaConfig:
 def config_to_hf(cfg: GemmaConfig) -> dict:
     """transformers config kwargs for the same architecture (the reference stage and tests use it)."""
     common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, hidden_activation="gelu_pytorch_tanh",
-        max_position_embeddings=cfg.max_position, bos_token_id=cfg.bos_id, eos_token_id=cfg.eos_id,
-        pad_token_id=cfg.pad_id, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=cfg.max_position,
+        bos_token_id=cfg.bos_id,
+        eos_token_id=cfg.eos_id,
+        pad_token_id=cfg.pad_id,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
     )
     if cfg.family == Family.GEMMA1:
         return common | {"model_type": "gemma", "rope_theta": cfg.rope_theta}
     types = ["sliding_attention" if t else "full_attention" for t in cfg.layer_types]
     extra = {
-        "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "sliding_window": cfg.sliding_window,
-        "layer_types": types, "attn_logit_softcapping": cfg.attn_softcap,
+        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": types,
+        "attn_logit_softcapping": cfg.attn_softcap,
         "final_logit_softcapping": cfg.final_softcap,
     }
     if cfg.family == Family.GEMMA2:
