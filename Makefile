@@ -10,7 +10,6 @@ PYTEST_ARGS ?=
 # torch goes first and pinned: here it takes the CPU wheel from disk; an unpinned torch pulls GBs of CUDA.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@

@@ -102,6 +102,57 @@ def generate(
 
 
 @app.command()
+def export(
+    variant: VariantOpt = "gemma3-270m",
+    target: Annotated[str, typer.Option("--target", "-t", help="android | ios | rpi | linux")] = "android",
+    backend: Annotated[
+        str | None, typer.Option("--backend", "-b", help="xnnpack | coreml | vulkan (default: the target's)")
+    ] = None,
+    quant: Annotated[
+        str | None, typer.Option("--quant", "-q", help="fp32 | int8 | int4 | int4-g128 | rtn-int8 | rtn-int4")
+    ] = None,
+    weights: WeightsOpt = None,
+    random_weights: RandomOpt = False,
+    seed: SeedOpt = 0,
+    max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="KV cache length of the artifact.")] = 1024,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder (default exports/<...>).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quantize, lower and write a verified bundle (artifact, tokenizer, manifest, golden logits)."""
+    from edge import api
+
+    manifest = api.export(
+        variant=variant,
+        target=target,
+        backend=backend,
+        quant=quant,
+        weights=weights,
+        random_weights=random_weights,
+        seed=seed,
+        max_seq_len=max_seq_len,
+        out=out,
+        force=force,
+    )
+    if as_json:
+        _print_json(manifest)
+        return
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    typer.echo(
+        f"{manifest['path']}  ({size / 1e6:.0f} MB, {manifest['backend']} {manifest['quant']['scheme']['name']})"
+    )
+    for st in manifest["stages"]:
+        typer.echo(f"  {st['name']:<10} {st['seconds']:>7.1f} s   peak RSS {st['peak_rss_mb'] / 1024:.2f} GB")
+    outside = manifest["delegation"].get("ops_outside_delegate", {})
+    typer.echo(f"  delegate calls {manifest['delegation'].get('delegate_calls')}, ops outside: {sum(outside.values())}")
+    skipped = [r for r in manifest["quant"]["coverage"] if r.get("skipped")]
+    if skipped:
+        typer.echo(
+            f"  {len(skipped)} weights kept fp32: " + "; ".join(f"{r['name']} ({r['skipped']})" for r in skipped)
+        )
+
+
+@app.command()
 def doctor(as_json: JsonOpt = False) -> None:
     """Versions, installed backends, memory and disk."""
     from edge import api

@@ -1,0 +1,81 @@
+"""Apply a Scheme to the eager model with torchao, and report what each weight became.
+
+The quantized eager model is the `quantized` validation stage, and the very module that
+ExecuTorch lowers: the artifact must equal it (lowering adds no error of its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from edge.quant.schemes import Act, Rounding, Scheme, WeightQuant
+
+
+def _quiet_torchao() -> None:
+    # torchao logs a failure for each CUDA-only extension it cannot load on a CPU machine, and
+    # torch warns about its enum registrations: neither concerns us, both would bury our progress.
+    logging.getLogger("torchao").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module="torch.utils._pytree")
+
+
+def _torchao_config(q: WeightQuant, embedding: bool):
+    _quiet_torchao()
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    dtype = {4: torch.int4, 8: torch.int8}[q.bits]
+    gran = PerGroup(q.group) if q.group else PerAxis(0)
+    algo = {Rounding.RTN: "affine", Rounding.HQQ: "hqq_scale_only"}[q.rounding]
+    if embedding or q.act == Act.FLOAT:
+        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=gran, intx_choose_qparams_algorithm=algo)
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=dtype, weight_granularity=gran, intx_choose_qparams_algorithm=algo
+    )
+
+
+def plan(model: nn.Module, scheme: Scheme) -> list[dict]:
+    """What each linear and embedding will become: the coverage report written into the manifest."""
+    rows = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            q, width = scheme.embedding, mod.embedding_dim
+        elif isinstance(mod, nn.Linear):
+            q, width = (scheme.head if name == "lm_head" else scheme.linear), mod.in_features
+        else:
+            continue
+        row = {"name": name, "shape": list(mod.weight.shape), "scheme": "fp32"}
+        if q is not None:
+            if q.group and width % q.group:
+                row["skipped"] = f"width {width} is not a multiple of group {q.group}: kept fp32"
+            else:
+                row["scheme"] = q.label() if not isinstance(mod, nn.Embedding) else f"int{q.bits}-g{q.group or 'row'}"
+                row["bits_per_weight"] = q.bits_per_weight()
+        rows.append(row)
+    return rows
+
+
+def quantize_model(model: nn.Module, scheme: Scheme) -> list[dict]:
+    """Quantize in place; returns the coverage report. The fp32 weights are freed as they are replaced."""
+    coverage = plan(model, scheme)
+    if not scheme.quantized:
+        return coverage
+    from torchao.quantization import quantize_
+
+    if scheme.head is not None and model.lm_head.weight is model.embed.weight:
+        # Untie: the head and the lookup table get their own quantized copies (a matmul and a gather
+        # want different formats). Same storage until quantize_ replaces each.
+        model.lm_head.weight = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
+    todo = {r["name"] for r in coverage if r["scheme"] != "fp32"}
+    groups = [
+        (scheme.embedding, True, lambda m, n: isinstance(m, nn.Embedding) and n in todo),
+        (scheme.head, False, lambda m, n: isinstance(m, nn.Linear) and n == "lm_head" and n in todo),
+        (scheme.linear, False, lambda m, n: isinstance(m, nn.Linear) and n != "lm_head" and n in todo),
+    ]
+    for q, is_embedding, keep in groups:
+        if q is not None:
+            quantize_(model, _torchao_config(q, is_embedding), filter_fn=keep)
+    return coverage

@@ -1,0 +1,129 @@
+"""SCHEMES: every quantization scheme is one typed object, named once, with its accuracy band.
+
+A scheme says, for each kind of tensor (transformer linears, the LM head, the embedding), how
+its weights are stored and how the activations meet them. Backends read these objects; no
+backend invents a recipe of its own. Round-to-nearest baselines (`rtn-*`) carry no band:
+they are measured so that every lever is judged against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+from edge.errors import EdgeError
+
+
+class Act(StrEnum):
+    FLOAT = "float"  # activations stay float (weight-only)
+    DYNAMIC_INT8 = "dynamic-int8"  # per-token asymmetric int8, computed at run time (XNNPACK "qd8")
+
+
+class Rounding(StrEnum):
+    RTN = "rtn"  # round to nearest with the absmax scale
+    HQQ = "hqq-scale"  # torchao's half-quadratic search of the scale (calibration-free)
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    bits: int  # 4 or 8, symmetric
+    group: int | None  # elements per scale along the input axis; None = one scale per output channel
+    act: Act = Act.DYNAMIC_INT8
+    rounding: Rounding = Rounding.RTN
+
+    def label(self) -> str:
+        g = f"g{self.group}" if self.group else "per-channel"
+        a = "8da" if self.act == Act.DYNAMIC_INT8 else "w"
+        return f"{a}{self.bits}w-{g}-{self.rounding.value}" if a == "8da" else f"int{self.bits}-{g}-weight-only"
+
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight with one fp32 scale per group (what the .pte stores)."""
+        return self.bits + (32 / self.group if self.group else 0.0)
+
+
+@dataclass(frozen=True)
+class Band:
+    """Acceptance vs the fp32 reference on the golden prompts (shared/DESIGN.md)."""
+
+    max_abs_logit: float | None = None
+    mean_kld: float | None = None
+    top1: float | None = None
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    description: str
+    linear: WeightQuant | None  # q/k/v/o and gate/up/down
+    head: WeightQuant | None  # the LM head (untied from the embedding when quantized)
+    embedding: WeightQuant | None  # the lookup table (act is irrelevant there)
+    band: Band | None
+    # Lowering alone (artifact vs the eager model of the same scheme) must add less than this.
+    lowering_max_kld: float = 1e-3
+
+    @property
+    def quantized(self) -> bool:
+        return any((self.linear, self.head, self.embedding))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _w(bits: int, group: int | None, rounding: Rounding = Rounding.RTN, act: Act = Act.DYNAMIC_INT8) -> WeightQuant:
+    return WeightQuant(bits=bits, group=group, act=act, rounding=rounding)
+
+
+SCHEMES: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("fp32", "no quantization", None, None, None, Band(max_abs_logit=1e-3)),
+        Scheme(
+            "int8",
+            "int8 weights per output channel with dynamic int8 activations (8da8w) on every linear and the head"
+            " (XNNPACK groups only 4-bit weights); int8 g32 embedding",
+            _w(8, None),
+            _w(8, None),
+            _w(8, 32, act=Act.FLOAT),
+            Band(mean_kld=0.005, top1=0.97),
+        ),
+        Scheme(
+            "int4",
+            "int4 weights g32 (HQQ scale search) with dynamic int8 activations (8da4w), head included;"
+            " int4 g32 embedding",
+            _w(4, 32, Rounding.HQQ),
+            _w(4, 32, Rounding.HQQ),
+            _w(4, 32, act=Act.FLOAT),
+            Band(mean_kld=0.03, top1=0.92),
+        ),
+        Scheme(
+            "int4-g128",
+            "as int4 with groups of 128: smaller scales overhead, more rounding error",
+            _w(4, 128, Rounding.HQQ),
+            _w(4, 128, Rounding.HQQ),
+            _w(4, 128, act=Act.FLOAT),
+            Band(mean_kld=0.03, top1=0.92),
+        ),
+        Scheme(
+            "rtn-int8",
+            "baseline: round-to-nearest int8 per output channel, dynamic int8 activations, int8 per-row embedding",
+            _w(8, None),
+            _w(8, None),
+            _w(8, None, act=Act.FLOAT),
+            None,
+        ),
+        Scheme(
+            "rtn-int4",
+            "baseline: round-to-nearest int4 g32, dynamic int8 activations, int4 g32 embedding",
+            _w(4, 32),
+            _w(4, 32),
+            _w(4, 32, act=Act.FLOAT),
+            None,
+        ),
+    )
+}
+
+
+def get_scheme(name: str) -> Scheme:
+    if name not in SCHEMES:
+        raise EdgeError(f"unknown quantization scheme {name!r}", hint=f"choose one of: {', '.join(SCHEMES)}")
+    return SCHEMES[name]

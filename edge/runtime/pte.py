@@ -1,0 +1,56 @@
+"""A .pte run through ExecuTorch's Python runtime (the same C++ runtime the phone apps link)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import EdgeError
+
+
+class PteRunner:
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        try:
+            # Kernels the stock apps link too: quantized embeddings (and llama custom ops if used).
+            import executorch.kernels.quantized  # noqa: F401
+            import torch  # executorch's Python runtime takes and returns torch tensors
+            from executorch.extension.pybindings import portable_lib
+            from executorch.runtime import Runtime
+        except ImportError as e:
+            raise EdgeError("running a .pte needs executorch", hint="pip install 'gemma-edge[executorch]'") from e
+        if threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+        self._torch = torch
+        self.program = Runtime.get().load_program(str(path))
+        self.forward = self.program.load_method("forward")
+        meta = {n: self.program.load_method(n).execute([])[0] for n in ("get_max_seq_len", "get_vocab_size")}
+        self.max_seq_len = int(meta["get_max_seq_len"])
+        self.vocab_size = int(meta["get_vocab_size"])
+        self.max_T = int(self.forward.metadata.input_tensor_meta(0).sizes()[1])
+        self.pos = 0
+
+    def constant(self, name: str):
+        return self.program.load_method(name).execute([])[0]
+
+    def reset(self) -> None:
+        self.pos = 0  # stale cache entries beyond pos are masked out by position
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        t = self._torch
+        out = self.forward.execute([t.tensor([ids], dtype=t.int64), t.tensor([self.pos], dtype=t.int64)])[0]
+        self.pos += len(ids)
+        return out[0].float().numpy()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        if self.max_T == 1:  # a static-shape program takes one token per call
+            for tok in ids[:-1]:
+                self._run([tok])
+            return self._run(ids[-1:])
+        logits = None
+        for i in range(0, len(ids), self.max_T):
+            logits = self._run(ids[i : i + self.max_T])
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._run([token])

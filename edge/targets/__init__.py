@@ -1,0 +1,133 @@
+"""Targets and backends are tables. A new backend is one registration here plus its module.
+
+A target (android, ios, rpi, linux) is a preset: a default backend and scheme, and the
+backends that make sense there. A backend names its module, the package it needs (imported
+lazily, with an install hint), whether its artifact runs on this host, and what it supports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+
+from edge.errors import EdgeError
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    family: str  # executorch | litert | onnx
+    module: str  # edge.targets.<module> implements lower(...)
+    artifact: str  # file name in the bundle
+    package: str  # import name that must be present
+    install: str  # what to run when it is missing
+    runs_here: bool  # can this host execute the artifact (validation, generate --bundle)?
+    schemes: tuple[str, ...]  # schemes it lowers correctly
+    static_shapes: bool = False  # exported with a fixed [1, 1] token input (prefill token by token)
+    note: str = ""
+
+    def available(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
+
+    def require(self) -> None:
+        if not self.available():
+            raise EdgeError(f"backend {self.name} needs the Python package {self.package!r}", hint=self.install)
+
+    def impl(self):
+        return importlib.import_module(f"edge.targets.{self.module}")
+
+
+_ET = "pip install 'gemma-edge[executorch]'"
+_ALL = ("fp32", "int8", "int4", "int4-g128", "rtn-int8", "rtn-int4")
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("xnnpack", "executorch", "executorch", "model.pte", "executorch", _ET, True, _ALL),
+        Backend(
+            "coreml",
+            "executorch",
+            "executorch",
+            "model.pte",
+            "coremltools",
+            _ET,
+            False,
+            ("fp32",),
+            static_shapes=True,
+            note="iOS 18 specs, static shapes; runs only on Apple devices",
+        ),
+        Backend(
+            "vulkan",
+            "executorch",
+            "executorch",
+            "model.pte",
+            "executorch",
+            _ET,
+            False,
+            ("fp32",),
+            static_shapes=True,
+            note="Android GPUs; the Python runtime here has no Vulkan backend",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    default_backend: str
+    default_quant: str
+    backends: tuple[str, ...]  # valid here, whether built yet or not
+    description: str
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("android", "xnnpack", "int4", ("xnnpack", "vulkan", "litert", "litert-gpu"), "Android phones"),
+        Target("ios", "xnnpack", "int4", ("xnnpack", "coreml"), "iPhones and iPads"),
+        Target("rpi", "litert", "int4", ("litert", "onnx", "xnnpack"), "Raspberry Pi 4/5 (aarch64)"),
+        Target("linux", "xnnpack", "int8", ("xnnpack", "litert", "onnx", "coreml", "vulkan"), "x86/arm Linux hosts"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked export request: every name is now a typed object."""
+
+    target: Target
+    backend: Backend
+    scheme_name: str
+
+
+def resolve(target: str, backend: str | None, quant: str | None) -> Plan:
+    """Check target x backend x quant before any slow step; name the valid choices when refusing."""
+    from edge.quant.schemes import SCHEMES
+
+    if target not in TARGETS:
+        raise EdgeError(f"unknown target {target!r}", hint=f"choose one of: {', '.join(TARGETS)}")
+    t = TARGETS[target]
+    name = backend or t.default_backend
+    if name not in t.backends:
+        raise EdgeError(
+            f"backend {name!r} does not fit target {t.name}",
+            hint=f"for {t.name} choose one of: {', '.join(t.backends)}",
+        )
+    if name not in BACKENDS:
+        built = [b for b in t.backends if b in BACKENDS]
+        raise EdgeError(
+            f"backend {name!r} is not built yet in this version of gemma-edge",
+            hint=f"for {t.name} use one of: {', '.join(built)}" if built else "no backend for this target is built yet",
+        )
+    b = BACKENDS[name]
+    scheme = quant or (t.default_quant if t.default_quant in b.schemes else b.schemes[0])
+    if scheme not in SCHEMES:
+        raise EdgeError(f"unknown quantization scheme {scheme!r}", hint=f"choose one of: {', '.join(SCHEMES)}")
+    if scheme not in b.schemes:
+        raise EdgeError(
+            f"backend {b.name} cannot lower scheme {scheme!r}", hint=f"{b.name} supports: {', '.join(b.schemes)}"
+        )
+    b.require()
+    return Plan(t, b, scheme)

@@ -1,0 +1,99 @@
+"""Logit comparison metrics. numpy only: the device mode runs them on a Raspberry Pi without torch.
+
+Each function takes the reference as stored in golden.npz (top-k logits and indices, logsumexp)
+and the logits under test at the same positions. The KL divergence is computed over the
+reference's top-k plus one tail bucket holding the rest of the mass: by the log-sum inequality
+it is a LOWER bound of the full-vocabulary KLD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+@dataclass
+class Reference:
+    """The fp32 reference at T positions: top-k logits (sorted, descending) and the full logsumexp."""
+
+    topk_idx: np.ndarray  # (T, k) int
+    topk_logit: np.ndarray  # (T, k) float32
+    lse: np.ndarray  # (T,) logsumexp over the whole vocabulary
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray, k: int = 128) -> Reference:
+        idx = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+        vals = np.take_along_axis(logits, idx, axis=-1)
+        order = np.argsort(-vals, axis=-1, kind="stable")
+        idx, vals = np.take_along_axis(idx, order, -1), np.take_along_axis(vals, order, -1)
+        lse = logits.max(-1) + np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1))
+        return cls(idx.astype(np.int32), vals.astype(np.float32), lse.astype(np.float32))
+
+    @property
+    def topk_logp(self) -> np.ndarray:
+        return self.topk_logit.astype(np.float64) - self.lse[:, None]
+
+
+def per_position(ref: Reference, logits: np.ndarray, targets: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-position metrics of `logits` (T, V) against `ref`. targets (T,) = the next token, -1 where none."""
+    lq = log_softmax(logits)  # (T, V)
+    lp_k = ref.topk_logp  # (T, k)
+    lq_k = np.take_along_axis(lq, ref.topk_idx, axis=-1)
+    p_k = np.exp(lp_k)
+    tail_p = np.clip(1.0 - p_k.sum(-1), 0.0, 1.0)
+    tail_q = np.clip(1.0 - np.exp(lq_k).sum(-1), 1e-30, 1.0)
+    tail = np.where(tail_p > 0, tail_p * (np.log(np.maximum(tail_p, 1e-30)) - np.log(tail_q)), 0.0)
+    kld = (p_k * (lp_k - lq_k)).sum(-1) + tail
+    test_top5 = np.argpartition(-logits, 4, axis=-1)[:, :5]
+    ref_top5 = ref.topk_idx[:, :5]
+    overlap = np.array([len(set(a) & set(b)) / 5 for a, b in zip(test_top5.tolist(), ref_top5.tolist(), strict=True)])
+    out = {
+        "kld": np.maximum(kld, 0.0),
+        "top1": (logits.argmax(-1) == ref.topk_idx[:, 0]).astype(np.float64),
+        "top5_overlap": overlap,
+        "max_abs_dlogit": np.abs(np.take_along_axis(logits, ref.topk_idx, -1) - ref.topk_logit).max(-1),
+    }
+    if targets is not None:
+        valid = targets >= 0
+        t = np.where(valid, targets, 0)[:, None]
+        lq_t = np.take_along_axis(lq, t, -1)[:, 0]
+        # The reference's log-prob of the target when it is in its top-k; otherwise unknown (NaN).
+        hit = ref.topk_idx == t
+        lp_t = np.where(hit.any(-1), (lp_k * hit).sum(-1), np.nan)
+        out["target_logp_ref"] = np.where(valid, lp_t, np.nan)
+        out["target_logp"] = np.where(valid, lq_t, np.nan)
+    return out
+
+
+def summarize(pp: dict[str, np.ndarray]) -> dict[str, float]:
+    """One row of the report: mean / p99 / max KLD, top-1, top-5 overlap, RMS dp, perplexity ratio, max |dlogit|."""
+    kld = pp["kld"]
+    row = {
+        "positions": int(kld.size),
+        "mean_kld": float(kld.mean()),
+        "p99_kld": float(np.percentile(kld, 99)),
+        "max_kld": float(kld.max()),
+        "top1": float(pp["top1"].mean()),
+        "top5_overlap": float(pp["top5_overlap"].mean()),
+        "max_abs_dlogit": float(pp["max_abs_dlogit"].max()),
+    }
+    if "target_logp" in pp:
+        ok = ~np.isnan(pp["target_logp"]) & ~np.isnan(pp["target_logp_ref"])
+        if ok.any():
+            lp, lq = pp["target_logp_ref"][ok], pp["target_logp"][ok]
+            row["rms_dp"] = float(np.sqrt(np.mean((np.exp(lq) - np.exp(lp)) ** 2)))
+            row["ppl_ratio"] = float(np.exp(np.mean(-lq)) / np.exp(np.mean(-lp)))
+    return row
+
+
+def full_kld(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Exact per-position KLD over the whole vocabulary, when both full logit arrays are at hand."""
+    lp, lq = log_softmax(ref_logits), log_softmax(logits)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
