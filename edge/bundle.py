@@ -38,10 +38,11 @@ def check_destination(out: Path, force: bool) -> None:
         raise EdgeError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise EdgeError(f"{out} exists and is not a folder", hint="choose another --out")
-    parent = out.parent
-    probe = parent
+    probe = out.parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise EdgeError(f"cannot write under {probe}: it is a file", hint="choose another --out folder")
     if not os.access(probe, os.W_OK):
         raise EdgeError(f"cannot write under {probe}", hint="choose a writable --out folder")
 
@@ -50,8 +51,11 @@ def check_destination(out: Path, force: bool) -> None:
 def staging(out: Path, force: bool) -> Iterator[Path]:
     """A temporary folder beside `out`; finalize() moves it into place. Removed on any failure."""
     check_destination(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:  # permissions that os.access cannot predict (root, read-only mounts, /proc)
+        raise EdgeError(f"cannot write under {out.parent}: {e.strerror}", hint="choose a writable --out folder") from e
     try:
         yield tmp
     finally:

@@ -1,0 +1,107 @@
+"""ExecuTorch export on tiny random configs: the .pte equals the eager model of the same scheme."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from edge.models.config import Family
+from edge.models.gemma import Gemma
+from edge.models.weights import assign, random_tensors
+from edge.progress import Stages
+from edge.quant.apply import quantize_model
+from edge.quant.schemes import SCHEMES
+from edge.runtime import replay
+from edge.runtime.eager import EagerRunner
+from edge.runtime.pte import PteRunner
+from edge.targets import BACKENDS
+from edge.targets import executorch as et
+from edge.validate.metrics import full_kld
+
+MAX_SEQ = 64
+
+
+def lower(model, tmp_path, name="m.pte"):
+    cfg = model.cfg
+    meta = et.metadata(cfg, MAX_SEQ, 2, [1], cfg.vocab_size, True)
+    low = et.export(model, MAX_SEQ, BACKENDS["xnnpack"], meta, Stages())
+    path = tmp_path / name
+    path.write_bytes(low.program)
+    return path, low
+
+
+def tiny_model(n_kv_heads=1, seed=0, family=Family.GEMMA3):
+    cfg = tiny_config(family, n_kv_heads=n_kv_heads)
+    m = Gemma(cfg, max_seq_len=MAX_SEQ).eval()
+    tensors = random_tensors(cfg, seed)
+    tensors["embed.weight"] *= 25  # a peaked output distribution, as a trained model has: few near-ties
+    assign(m, tensors, "random")
+    return m
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2])
+def test_fp32_pte_matches_eager_prefill_and_40_decode_steps(tmp_path, n_kv_heads):
+    model = tiny_model(n_kv_heads)
+    path, low = lower(model, tmp_path)
+    pte, eager = PteRunner(path), EagerRunner(model)
+    prompt = list(range(5, 15))
+    a, b = pte.prefill(prompt), eager.prefill(prompt)
+    worst = np.abs(a - b).max()
+    for _ in range(40):  # 10 + 40 positions: past the window of 8 many times over
+        tok = int(b.argmax())
+        a, b = pte.decode(tok), eager.decode(tok)
+        worst = max(worst, np.abs(a - b).max())
+    assert worst < 1e-3
+    assert low.delegation["delegate_calls"] > 0
+
+
+def test_pte_has_the_runner_contract(tmp_path):
+    path, low = lower(tiny_model(), tmp_path)
+    pte = PteRunner(path)
+    assert {"forward", "get_max_seq_len", "get_max_context_len", "use_kv_cache", "enable_dynamic_shape",
+            "get_eos_ids", "get_bos_id", "get_vocab_size"} <= set(pte.program.method_names)  # fmt: skip
+    assert pte.constant("get_max_seq_len") == MAX_SEQ and pte.constant("enable_dynamic_shape") is True
+    assert pte.max_T == MAX_SEQ - 1
+    assert low.io["methods"]["forward"]["inputs"][1]["shape"] == [1]
+
+
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s != "fp32"])
+def test_lowering_adds_no_error(tmp_path, scheme):
+    """Every scheme: the .pte vs the eager model quantized the same way, teacher-forced over 48 positions."""
+    model = tiny_model(n_kv_heads=2, seed=7)
+    quantize_model(model, SCHEMES[scheme])
+    path, _ = lower(model, tmp_path)
+    ids = [int(i) for i in torch.randint(0, model.cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3))]
+    want = replay(EagerRunner(model), ids)
+    got = replay(PteRunner(path), ids)
+    kld = full_kld(want, got)
+    assert kld.mean() < SCHEMES[scheme].lowering_max_kld, kld.mean()
+    # A random tiny model's logits are nearly flat, so dynamic-activation rounding can flip near-ties;
+    # where the eager model has a real preference (top-1 ahead by > 0.05), the .pte must share it.
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) > 0.05
+    assert decided.sum() >= len(ids) // 2
+    agree = want.argmax(-1)[decided] == got.argmax(-1)[decided]
+    assert agree.mean() >= 0.995, agree.mean()
+
+
+def test_quantization_coverage_names_every_weight():
+    model = tiny_model()
+    rows = quantize_model(model, SCHEMES["int4"])
+    names = {r["name"] for r in rows}
+    assert {"embed", "lm_head", "layers.0.attn.wq", "layers.5.mlp.down"} <= names
+    assert all(r["scheme"] != "fp32" for r in rows)  # every width of the tiny config divides 32
+    json.dumps(rows)  # it goes into the manifest
+
+
+def test_coverage_reports_what_group_size_skips():
+    cfg = tiny_config(Family.GEMMA1, hidden_dim=72)  # 72 is not a multiple of 32: mlp.down cannot be grouped
+    m = Gemma(cfg, max_seq_len=16).eval()
+    assign(m, random_tensors(cfg), "random")
+    rows = {r["name"]: r for r in quantize_model(m, SCHEMES["int4"])}
+    assert "not a multiple of group 32" in rows["layers.0.mlp.down"]["skipped"]
+    assert rows["layers.0.mlp.down"]["scheme"] == "fp32"
+    assert isinstance(m.layers[0].mlp.down.weight, torch.nn.Parameter)  # really left in fp32
+    assert rows["layers.0.mlp.up"]["scheme"].startswith("8da4w")
