@@ -172,8 +172,21 @@ def doctor(as_json: JsonOpt = False) -> None:
         typer.echo(f"  {name:<28} {'ok' if b['available'] else 'missing: ' + b['install']}")
 
 
+def _quiet_libraries() -> None:
+    """The stack's own chatter would bury our progress lines: torchao logs every CUDA extension it
+    cannot load on a CPU machine, and torch / executorch emit deprecation warnings by the hundred
+    during export. Our stages, errors and hints still print."""
+    import logging
+    import warnings
+
+    logging.getLogger("torchao").setLevel(logging.CRITICAL)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def main() -> None:
     """Console entry point: EdgeError -> message + hint on stderr, exit 2, no traceback."""
+    _quiet_libraries()
     try:
         app()
     except EdgeError as e:

@@ -1,0 +1,116 @@
+"""The real 270M through the whole ExecuTorch chain: each bundle exported once per session."""
+
+import numpy as np
+import pytest
+import torch
+
+from edge import api
+from edge import bundle as bundle_mod
+from edge.models.loading import load_weights
+from edge.models.tokenizer import Tokenizer
+from edge.models.variants import get_variant
+from edge.quant.apply import quantize_model
+from edge.quant.schemes import SCHEMES
+from edge.runtime.pte import PteRunner
+from edge.validate import golden
+from edge.validate.metrics import full_kld
+from edge.validate.stages import evaluate, runner_logits
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    return {q: api.export("270m", "android", quant=q, out=root / q) for q in ("int8", "int4")}
+
+
+@pytest.fixture(scope="session")
+def quantized_eager():
+    """The eager model of each scheme: what the .pte must equal."""
+    loaded = load_weights(get_variant("270m"))
+    models = {}
+    for q in ("int8", "int4"):
+        m = loaded.build(1024)
+        quantize_model(m, SCHEMES[q])
+        models[q] = m
+    return models
+
+
+@pytest.fixture(scope="session")
+def lowered_vs_golden(bundles):
+    out = {}
+    for q, m in bundles.items():
+        prompts = golden.load(bundle_mod.load(m["path"])["path"] + "/golden.npz")
+        out[q] = evaluate(prompts, runner_logits(PteRunner(m["path"] + "/model.pte")), window=512)
+        print(q, "lowered vs fp32:", out[q]["overall"])
+    return out
+
+
+@pytest.mark.parametrize("q", ["int8", "int4"])
+def test_lowering_adds_no_error_on_the_real_model(q, bundles, quantized_eager):
+    from edge.runtime import replay
+    from edge.runtime.eager import EagerRunner
+
+    prompts = golden.load(bundles[q]["path"] + "/golden.npz")
+    pte = PteRunner(bundles[q]["path"] + "/model.pte")
+    eager = EagerRunner(quantized_eager[q])
+    klds, agree = [], []
+    for p in prompts[:3]:  # prose, code, chat: 229 positions
+        ids = [int(i) for i in p.ids]
+        want, got = replay(eager, ids), replay(pte, ids)
+        klds.append(full_kld(want, got))
+        agree.append(want.argmax(-1) == got.argmax(-1))
+    kld, top1 = np.concatenate(klds).mean(), np.concatenate(agree).mean()
+    print(f"{q}: lowered vs eager {q}: mean KLD {kld:.2e}, top-1 {top1:.4f}")
+    assert kld < 1e-3 and top1 >= 0.995
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="8da8w (the only int8 XNNPACK lowers correctly) costs ~0.02 KLD on the 270M; the int8 band is the "
+    "Quantization issue's work. strict: this test fails loudly the day int8 meets its band.",
+)
+def test_int8_meets_its_first_step_band(lowered_vs_golden):
+    o = lowered_vs_golden["int8"]["overall"]
+    assert o["mean_kld"] <= 0.005 and o["top1"] >= 0.97
+
+
+def test_int8_is_close_to_fp32_and_int4_is_measured(lowered_vs_golden):
+    i8, i4 = lowered_vs_golden["int8"]["overall"], lowered_vs_golden["int4"]["overall"]
+    assert i8["mean_kld"] < 0.05 and i8["top1"] > 0.85  # far better than int4; the real band is xfail above
+    assert i4["mean_kld"] > i8["mean_kld"]
+    assert set(lowered_vs_golden["int8"]) >= {"within_window", "past_window"}
+
+
+def test_stock_executorch_runner_loads_the_bundle_unchanged(bundles, quantized_eager):
+    """TextLLMRunner is the C++ runner that Android's LlmModule and iOS's TextRunner wrap."""
+    import executorch.kernels.quantized  # noqa: F401  (the stock apps link these kernels too)
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    b = bundles["int8"]["path"]
+    prompt = "The capital of France is"
+    pieces: list[str] = []
+    runner = TextLLMRunner(b + "/model.pte", b + "/tokenizer.model")
+    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0, num_bos=1),
+                    token_callback=pieces.append)  # fmt: skip
+    tok = Tokenizer(b + "/tokenizer.model")
+    ours = api.generate(prompt, bundle=b, max_new_tokens=12)
+    text = "".join(pieces)
+    print("stock runner:", repr(text), "| ours:", repr(ours.text))
+    assert text.strip() and text.strip() == ours.text.strip()
+    assert tok.encode(prompt)[0] == 2
+
+
+def test_generate_bundle_matches_eager_quantized_greedy(bundles, quantized_eager):
+    from edge.generation import encode_prompt, generate
+    from edge.runtime.eager import EagerRunner
+
+    b = bundles["int4"]["path"]
+    tok = Tokenizer(b + "/tokenizer.model")
+    ids = encode_prompt(tok, "def fibonacci(n):", False)
+    eager = generate(EagerRunner(quantized_eager["int4"]), tok, ids, 16)
+    via_pte = api.generate("def fibonacci(n):", bundle=b, max_new_tokens=16)
+    same = sum(a == b_ for a, b_ in zip(eager.output_ids, via_pte.output_ids, strict=False))
+    assert via_pte.output_ids[:8] == eager.output_ids[:8], (same, tok.decode(via_pte.output_ids))
+    assert torch.__version__.startswith("2.13")
