@@ -1,7 +1,6 @@
 """edge export as a user runs it, on a tiny registered variant: a verified bundle, or a clear refusal."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from edge.models.config import Family
 from edge.models.gemma import Gemma
 from edge.models.reference import build_reference

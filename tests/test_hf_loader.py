@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_config
 from edge.errors import EdgeError
 from edge.models.config import Family
 from edge.models.gemma import Gemma
