@@ -103,6 +103,20 @@ SCHEMES: dict[str, Scheme] = {
             _w(4, 128, act=Act.FLOAT),
             Band(mean_kld=0.03, top1=0.92),
         ),
+        # Weight-only schemes: float activations. CoreML lowers them (coremltools cannot take dynamic
+        # activation quantization: KeyError torch.int8); XNNPACK must never get them, its partitioner
+        # drops the weight scales of weight-only linears (wrong logits). Bands: not yet measured.
+        Scheme(
+            "int8-wo",
+            "int8 weight-only per output channel on linears, head and embedding (CoreML; tied table stored once)",
+            _w(8, None, act=Act.FLOAT), _w(8, None, act=Act.FLOAT), _w(8, None, act=Act.FLOAT), None,
+        ),
+        Scheme(
+            "int4-wo",
+            "int4 g32 weight-only (HQQ scale search) on linears, head and embedding (CoreML)",
+            _w(4, 32, Rounding.HQQ, Act.FLOAT), _w(4, 32, Rounding.HQQ, Act.FLOAT), _w(4, 32, Rounding.HQQ, Act.FLOAT),
+            None,
+        ),
         Scheme(
             "rtn-int8",
             "baseline: round-to-nearest int8 per output channel, dynamic int8 activations, int8 per-row embedding",

@@ -39,12 +39,12 @@ class Backend:
 
 
 _ET = "pip install 'gemma-edge[executorch]'"
-_ALL = ("fp32", "int8", "int4", "int4-g128", "rtn-int8", "rtn-int4")
+_XNNPACK = ("fp32", "int8", "int4", "int4-g128", "rtn-int8", "rtn-int4")
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("xnnpack", "executorch", "executorch", "model.pte", "executorch", _ET, True, _ALL),
+        Backend("xnnpack", "executorch", "executorch", "model.pte", "executorch", _ET, True, _XNNPACK),
         Backend(
             "coreml",
             "executorch",

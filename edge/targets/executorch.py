@@ -13,11 +13,14 @@ The runner contract (read in executorch 1.5.1's extension/llm/runner; see the bu
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from edge.models.gemma import KVCache
 from edge.targets import Backend
 
 
@@ -58,6 +61,21 @@ class Lowered:
     delegation: dict = field(default_factory=dict)
 
 
+# How each delegate computes. fp32 everywhere: Gemma 3's residual stream reaches ~1e5 on real
+# prompts (270M: |x| up to 1.04e5 in block 14), past fp16's 65504, so an fp16 delegate
+# (CoreML FLOAT16, Vulkan force_fp16) turns the logits into NaN on every golden prompt.
+COMPUTE = {
+    "xnnpack": {"precision": "fp32 (int8 for quantized linears)"},
+    "coreml": {
+        "precision": "fp32",  # ct.precision.FLOAT32: the ANE (fp16-only) is not used
+        "compute_unit": "CPU_ONLY",  # ExecuTorch's llama default: decode is faster on the CPU than the GPU
+        "minimum_deployment_target": "iOS18",
+        "take_over_mutable_buffer": False,  # the OSS runtime has no CoreML state: KV written back outside
+    },
+    "vulkan": {"precision": "fp32", "force_fp16": False, "require_dynamic_shapes": False},
+}
+
+
 def _partitioners(backend: Backend) -> list:
     if backend.name == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -68,34 +86,109 @@ def _partitioners(backend: Backend) -> list:
         from executorch.backends.apple.coreml.compiler import CoreMLBackend
         from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 
+        c = COMPUTE["coreml"]
         specs = CoreMLBackend.generate_compile_specs(
-            minimum_deployment_target=ct.target.iOS18,
-            compute_precision=ct.precision.FLOAT16,
-            compute_unit=ct.ComputeUnit.ALL,
+            minimum_deployment_target=getattr(ct.target, c["minimum_deployment_target"]),
+            compute_precision=ct.precision.FLOAT32,
+            compute_unit=getattr(ct.ComputeUnit, c["compute_unit"]),
+            model_type=CoreMLBackend.MODEL_TYPE.MODEL,
         )
-        # The open-source runtime is built without CoreML state support: keep the KV buffers outside.
-        return [CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=False)]
+        return [CoreMLPartitioner(compile_specs=specs, take_over_mutable_buffer=c["take_over_mutable_buffer"])]
     if backend.name == "vulkan":
         from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
 
-        return [VulkanPartitioner({"require_dynamic_shapes": False})]
+        options = {k: COMPUTE["vulkan"][k] for k in ("require_dynamic_shapes", "force_fp16")}
+        return [VulkanPartitioner(options)]
     raise ValueError(backend.name)
 
 
+class UpdateCacheKVCache(KVCache):
+    """The same cache, seq-major (B, S, Hkv, D) and written in place by `llama::update_cache`.
+
+    For Vulkan. index_copy_ becomes index_put, which Vulkan lacks: the write would stay on the
+    CPU, one delegate per layer, the whole cache copied in and out of the GPU at every step. A
+    functional write (e.g. `where`) inside the delegate is no better: Vulkan does not write a
+    functional result back into the buffer it owns (unless `alias_buffer_mutations`), so the
+    cache would silently never advance. `update_cache` mutates the buffer itself, on the GPU;
+    it is what ExecuTorch's own Vulkan LLM export uses (`-kv --use_sdpa_with_kv_cache`), and
+    the stock Android runtime links its CPU kernel too. Attention reads the cache transposed.
+    """
+
+    @classmethod
+    def swap_in(cls, cache: KVCache) -> tuple:
+        kept = (cache.k, cache.v)
+        cache.__class__ = cls
+        for name, buf in zip(("k", "v"), kept, strict=True):
+            b, h, seq, d = buf.shape
+            cache.register_buffer(name, buf.new_zeros(b, seq, h, d), persistent=False)
+        return kept
+
+    @staticmethod
+    def swap_out(cache: KVCache, kept: tuple) -> None:
+        cache.__class__ = KVCache
+        for name, buf in zip(("k", "v"), kept, strict=True):
+            cache.register_buffer(name, buf, persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start = pos[0].item()  # positions are consecutive: pos = start + arange(T)
+        torch._check(start >= 0)
+        torch._check(start + k.shape[2] <= self.k.shape[1])
+        torch.ops.llama.update_cache(k.transpose(1, 2), self.k, start)
+        torch.ops.llama.update_cache(v.transpose(1, 2), self.v, start)
+        return self.k.transpose(1, 2), self.v.transpose(1, 2)
+
+
+KV_WRITE = {"vulkan": UpdateCacheKVCache}
+
+
+@contextmanager
+def kv_writes_for(model: nn.Module, backend: Backend) -> Iterator[str]:
+    """Swap the caches' layout and write for the backend's while exporting; the model is restored."""
+    cls = KV_WRITE.get(backend.name)
+    if cls is None:
+        yield "index_copy_ (index_put) into (1, n_kv_heads, max_seq_len, head_dim) buffers"
+        return
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::update_cache)
+
+    kept = {c: cls.swap_in(c) for c in [m for m in model.modules() if type(m) is KVCache]}
+    try:
+        yield "llama::update_cache into (1, max_seq_len, n_kv_heads, head_dim) buffers"
+    finally:
+        for c, bufs in kept.items():
+            cls.swap_out(c, bufs)
+
+
+def _op_name(target) -> str:
+    return target.name() if hasattr(target, "name") else getattr(target, "__name__", str(target))  # aten::mean.dim
+
+
 def delegation_report(graph_module) -> dict:
-    """Which operators run inside a delegate and which stay outside (portable / quantized kernels)."""
+    """Which operators run inside a delegate and which stay outside (portable / quantized kernels).
+
+    Read on the program as serialized (after to_executorch): the KV write-backs (copy_) and the
+    quantized embedding kernels only exist there.
+    """
     outside: collections.Counter = collections.Counter()
-    delegates = 0
+    inside: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
     for node in graph_module.graph.nodes:
         if node.op != "call_function":
             continue
         name = getattr(node.target, "__name__", "")
         if name == "executorch_call_delegate":
-            delegates += 1
+            lowered = getattr(graph_module, node.args[0].target)
+            calls[lowered.backend_id] += 1
+            for n in lowered.original_module.graph_module.graph.nodes:
+                if n.op == "call_function" and getattr(n.target, "__name__", "") != "getitem":
+                    inside[_op_name(n.target)] += 1
         elif name != "getitem" and "alloc" not in name:
-            op = node.target.name() if hasattr(node.target, "name") else str(node.target)  # 'aten::mean.dim'
-            outside[op] += 1
-    return {"delegate_calls": delegates, "ops_outside_delegate": dict(sorted(outside.items()))}
+            outside[_op_name(node.target)] += 1
+    return {
+        "delegate_calls": sum(calls.values()),
+        "delegates": dict(calls),
+        "ops_in_delegates": sum(inside.values()),
+        "ops_outside_delegate": dict(sorted(outside.items())),
+    }
 
 
 def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, stages) -> Lowered:
@@ -112,7 +205,11 @@ def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, sta
     example = (tokens, torch.tensor([0], dtype=torch.int64))
     # T <= max_seq_len - 1: the runner refuses prompts that fill the whole context.
     shapes = ({1: Dim("seq", min=1, max=max_seq_len - 1)}, None) if dynamic else None
-    with stages.run("export", "torch.export of forward(tokens, input_pos)"), torch.no_grad():
+    with (
+        stages.run("export", "torch.export of forward(tokens, input_pos)"),
+        torch.no_grad(),
+        kv_writes_for(model, backend) as kv_write,
+    ):
         ep = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=True)
         # index_copy_ (the cache write) has no ExecuTorch kernel: decompose it to index_put.
         ep = ep.run_decompositions({})
@@ -124,7 +221,6 @@ def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, sta
             constant_methods=meta,
         )
         del ep
-        report = delegation_report(edge.exported_program().graph_module)
     with stages.run("serialize", "to_executorch + memory planning"):
         et = edge.to_executorch(
             ExecutorchBackendConfig(
@@ -137,6 +233,9 @@ def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, sta
             )
         )
         program = et.buffer
+        report = delegation_report(et.exported_program().graph_module)
+        report["compute"] = COMPUTE[backend.name]
+        del et, edge
     io = {
         "methods": {
             "forward": {
@@ -149,7 +248,8 @@ def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, sta
             },
             **{k: {"constant": v} for k, v in meta.items()},
         },
-        "kv_cache": "inside the program: per layer k, v [1, n_kv_heads, max_seq_len, head_dim] fp32, zero at load",
+        "kv_cache": f"inside the program, fp32, zero at load; written by {kv_write}",
+        "compute": COMPUTE[backend.name],
         "logits_padded_to": meta["get_vocab_size"],
     }
     return Lowered(program, io, report)

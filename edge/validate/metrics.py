@@ -28,7 +28,11 @@ class Reference:
     lse: np.ndarray  # (T,) logsumexp over the whole vocabulary
 
     @classmethod
-    def from_logits(cls, logits: np.ndarray, k: int = 128) -> Reference:
+    def from_logits(cls, logits: np.ndarray, k: int = 128, chunk: int = 64) -> Reference:
+        """Rows are processed `chunk` at a time: a (T, 262144) array's temporaries would cost GBs."""
+        if logits.shape[0] > chunk:
+            parts = [cls.from_logits(logits[i : i + chunk], k, chunk) for i in range(0, logits.shape[0], chunk)]
+            return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("topk_idx", "topk_logit", "lse")))
         idx = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
         vals = np.take_along_axis(logits, idx, axis=-1)
         order = np.argsort(-vals, axis=-1, kind="stable")
