@@ -67,7 +67,7 @@ def test_pte_has_the_runner_contract(tmp_path):
     assert low.io["methods"]["forward"]["inputs"][1]["shape"] == [1]
 
 
-@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s != "fp32"])
+@pytest.mark.parametrize("scheme", [s for s in BACKENDS["xnnpack"].schemes if s != "fp32"])
 def test_lowering_adds_no_error(tmp_path, scheme):
     """Every scheme: the .pte vs the eager model quantized the same way, teacher-forced over 48 positions."""
     model = tiny_model(n_kv_heads=2, seed=7)
