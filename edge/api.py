@@ -215,7 +215,7 @@ def export(
 
     from edge import bundle as bundle_mod
     from edge.models.variants import get_variant
-    from edge.progress import Stages, peak_rss_mb, say
+    from edge.progress import Stages, counter, peak_rss_mb, say
     from edge.quant.schemes import get_scheme
     from edge.targets import resolve
 
@@ -250,7 +250,7 @@ def export(
 
     from edge.models.loading import load_weights
     from edge.models.tokenizer import CHAT_TEMPLATE
-    from edge.quant.apply import quantize_model
+    from edge.quant.apply import calibration, quantize_model
     from edge.validate import golden as golden_mod
 
     torch.set_grad_enabled(False)
@@ -264,7 +264,8 @@ def export(
         with stages.run("golden", "fp32 reference logits on the golden prompts"):
             golden_mod.save(tmp / "golden.npz", golden_mod.capture(model, loaded.tokenizer, max_seq_len))
         with stages.run("quantize", scheme.description):
-            coverage = quantize_model(model, scheme)
+            calib = calibration(loaded.tokenizer, v.config.vocab_size) if scheme.smooth else None
+            coverage = quantize_model(model, scheme, calib, progress=counter("SmoothQuant sites"))
         impl = plan.backend.impl()
         tok = loaded.tokenizer
         vocab = max(tok.vocab_size, v.config.vocab_size)

@@ -67,3 +67,16 @@ class ByteProgress:
             if os.environ.get("EDGE_QUIET") != "1":
                 mb = self.done / 1e6
                 print(f"  {self.label}: {mb:.0f} / {self.total / 1e6:.0f} MB ({pct}%)", end=end, file=sys.stderr)
+
+
+def counter(label: str):
+    """A callback(done, total) that reports a count every quarter (for loops over layers or sites)."""
+    last = [-1]
+
+    def update(done: int, total: int) -> None:
+        quarter = 4 * done // max(total, 1)
+        if quarter != last[0]:
+            last[0] = quarter
+            say(f"  {label}: {done} / {total}")
+
+    return update

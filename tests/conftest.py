@@ -9,6 +9,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_grad_enabled(False)
 
 
+def random_calibration(vocab_size: int, n: int = 4, length: int = 24, seed: int = 0) -> list[list[int]]:
+    """Calibration sequences for a random-weight tiny model (BOS id 2 first, like real text)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[2, *torch.randint(3, vocab_size, (length - 1,), generator=g).tolist()] for _ in range(n)]
+
+
 def tiny_config(family: Family, n_kv_heads: int = 1, **overrides) -> GemmaConfig:
     """A few-layer Gemma of the given family: seconds to build, export and compare."""
     n_layers = 4 if family != Family.GEMMA3 else 6

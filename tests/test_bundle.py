@@ -16,9 +16,21 @@ from edge.models.config import Family, gemma3_layer_types
 from edge.validate import golden
 
 TINY = dict(
-    family=Family.GEMMA3, vocab_size=262_144, dim=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16,
-    hidden_dim=128, query_pre_attn_scalar=16, rope_theta=1_000_000.0, sliding_window=8,
-    layer_types=gemma3_layer_types(2), post_norms=True, qk_norm=True, max_position=512,
+    family=Family.GEMMA3,
+    vocab_size=262_144,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=1,
+    head_dim=16,
+    hidden_dim=128,
+    query_pre_attn_scalar=16,
+    rope_theta=1_000_000.0,
+    sliding_window=8,
+    layer_types=gemma3_layer_types(2),
+    post_norms=True,
+    qk_norm=True,
+    max_position=512,
 )
 REGISTER = (
     "from edge.models.variants import VARIANTS, Variant; from edge.models.config import *; "

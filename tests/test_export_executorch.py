@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import random_calibration, tiny_config
 from edge.models.config import Family
 from edge.models.gemma import Gemma
 from edge.models.weights import assign, random_tensors
@@ -71,7 +71,7 @@ def test_pte_has_the_runner_contract(tmp_path):
 def test_lowering_adds_no_error(tmp_path, scheme):
     """Every scheme: the .pte vs the eager model quantized the same way, teacher-forced over 48 positions."""
     model = tiny_model(n_kv_heads=2, seed=7)
-    quantize_model(model, SCHEMES[scheme])
+    quantize_model(model, SCHEMES[scheme], random_calibration(model.cfg.vocab_size))
     path, _ = lower(model, tmp_path)
     ids = [int(i) for i in torch.randint(0, model.cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3))]
     want = replay(EagerRunner(model), ids)
@@ -89,7 +89,7 @@ def test_lowering_adds_no_error(tmp_path, scheme):
 
 def test_quantization_coverage_names_every_weight():
     model = tiny_model()
-    rows = quantize_model(model, SCHEMES["int4"])
+    rows = quantize_model(model, SCHEMES["int4"], random_calibration(model.cfg.vocab_size))
     names = {r["name"] for r in rows}
     assert {"embed", "lm_head", "layers.0.attn.wq", "layers.5.mlp.down"} <= names
     assert all(r["scheme"] != "fp32" for r in rows)  # every width of the tiny config divides 32
@@ -100,7 +100,7 @@ def test_coverage_reports_what_group_size_skips():
     cfg = tiny_config(Family.GEMMA1, hidden_dim=72)  # 72 is not a multiple of 32: mlp.down cannot be grouped
     m = Gemma(cfg, max_seq_len=16).eval()
     assign(m, random_tensors(cfg), "random")
-    rows = {r["name"]: r for r in quantize_model(m, SCHEMES["int4"])}
+    rows = {r["name"]: r for r in quantize_model(m, SCHEMES["int4"], random_calibration(cfg.vocab_size))}
     assert "not a multiple of group 32" in rows["layers.0.mlp.down"]["skipped"]
     assert rows["layers.0.mlp.down"]["scheme"] == "fp32"
     assert isinstance(m.layers[0].mlp.down.weight, torch.nn.Parameter)  # really left in fp32

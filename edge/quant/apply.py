@@ -58,12 +58,50 @@ def plan(model: nn.Module, scheme: Scheme) -> list[dict]:
     return rows
 
 
-def quantize_model(model: nn.Module, scheme: Scheme) -> list[dict]:
-    """Quantize in place; returns the coverage report. The fp32 weights are freed as they are replaced."""
+def calibration(tokenizer, vocab_size: int) -> list[list[int]]:
+    """The calibration sequences (edge/quant/smooth.py's texts, disjoint from the golden prompts) as ids.
+
+    Ids the model cannot embed (a random-weight variant whose vocabulary is smaller than the
+    tokenizer's) are dropped: calibration only needs realistic activations, not exact text.
+    """
+    from edge.quant.smooth import calibration_ids
+
+    return [[i for i in ids if i < vocab_size] for ids in calibration_ids(tokenizer)]
+
+
+# Smoothing site -> the linears that read its input (edge/quant/smooth.py's _sites).
+_SITE_CONSUMERS = {"qkv": ("attn.wq", "attn.wk", "attn.wv"), "wo": ("attn.wo",), "gate_up": ("mlp.gate", "mlp.up"),
+                   "down": ("mlp.down",), "lm_head": ("",)}  # fmt: skip
+
+
+def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | None = None, progress=None) -> list[dict]:
+    """Quantize in place; returns the coverage report. The fp32 weights are freed as they are replaced.
+
+    A scheme with `smooth` first folds SmoothQuant scales into the fp32 model, searched on `calib`
+    (token id sequences, see calibration()); each smoothed linear's row says with which alpha.
+    """
     coverage = plan(model, scheme)
     if not scheme.quantized:
         return coverage
     from torchao.quantization import quantize_
+
+    if scheme.smooth:
+        if not calib:
+            raise ValueError(f"scheme {scheme.name!r} folds SmoothQuant scales: pass calibration token ids")
+        from edge.quant.smooth import smooth
+
+        q = scheme.linear
+        report = smooth(model, calib, weight_bits=q.bits, group_size=q.group, progress=progress)
+        rows = {r["name"]: r for r in coverage}
+        for site, r in report.items():
+            prefix, _, kind = site.rpartition(".")
+            for suffix in _SITE_CONSUMERS[kind]:
+                name = f"{prefix}.{suffix}" if suffix else site
+                rows[name]["smoothquant"] = {
+                    "alpha": r["alpha"],
+                    "err_8da_before": round(r["err_before"], 6),
+                    "err_8da_after": round(r["err_after"], 6),
+                }
 
     if scheme.head is not None and model.lm_head.weight is model.embed.weight:
         # Untie: the head and the lookup table get their own quantized copies (a matmul and a gather

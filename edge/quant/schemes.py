@@ -58,6 +58,9 @@ class Scheme:
     head: WeightQuant | None  # the LM head (untied from the embedding when quantized)
     embedding: WeightQuant | None  # the lookup table (act is irrelevant there)
     band: Band | None
+    # SmoothQuant scales (edge/quant/smooth.py), searched on calibration text and folded into the
+    # norms and linears before quantizing: for schemes whose activations are quantized dynamically.
+    smooth: bool = False
     # Lowering alone (artifact vs the eager model of the same scheme) must add less than this.
     lowering_max_kld: float = 1e-3
 
@@ -80,20 +83,22 @@ SCHEMES: dict[str, Scheme] = {
         Scheme(
             "int8",
             "int8 weights per output channel with dynamic int8 activations (8da8w) on every linear and the head"
-            " (XNNPACK groups only 4-bit weights); int8 g32 embedding",
+            " (XNNPACK groups only 4-bit weights), SmoothQuant scales folded in; int8 g32 embedding",
             _w(8, None),
             _w(8, None),
             _w(8, 32, act=Act.FLOAT),
             Band(mean_kld=0.005, top1=0.97),
+            smooth=True,
         ),
         Scheme(
             "int4",
-            "int4 weights g32 (HQQ scale search) with dynamic int8 activations (8da4w), head included;"
-            " int4 g32 embedding",
+            "int4 weights g32 (HQQ scale search) with dynamic int8 activations (8da4w), head included,"
+            " SmoothQuant scales folded in; int4 g32 embedding",
             _w(4, 32, Rounding.HQQ),
             _w(4, 32, Rounding.HQQ),
             _w(4, 32, act=Act.FLOAT),
             Band(mean_kld=0.03, top1=0.92),
+            smooth=True,
         ),
         Scheme(
             "int4-g128",
@@ -102,6 +107,7 @@ SCHEMES: dict[str, Scheme] = {
             _w(4, 128, Rounding.HQQ),
             _w(4, 128, act=Act.FLOAT),
             Band(mean_kld=0.03, top1=0.92),
+            smooth=True,
         ),
         # Weight-only schemes: float activations. CoreML lowers them (coremltools cannot take dynamic
         # activation quantization: KeyError torch.int8); XNNPACK must never get them, its partitioner
@@ -109,12 +115,17 @@ SCHEMES: dict[str, Scheme] = {
         Scheme(
             "int8-wo",
             "int8 weight-only per output channel on linears, head and embedding (CoreML; tied table stored once)",
-            _w(8, None, act=Act.FLOAT), _w(8, None, act=Act.FLOAT), _w(8, None, act=Act.FLOAT), None,
+            _w(8, None, act=Act.FLOAT),
+            _w(8, None, act=Act.FLOAT),
+            _w(8, None, act=Act.FLOAT),
+            None,
         ),
         Scheme(
             "int4-wo",
             "int4 g32 weight-only (HQQ scale search) on linears, head and embedding (CoreML)",
-            _w(4, 32, Rounding.HQQ, Act.FLOAT), _w(4, 32, Rounding.HQQ, Act.FLOAT), _w(4, 32, Rounding.HQQ, Act.FLOAT),
+            _w(4, 32, Rounding.HQQ, Act.FLOAT),
+            _w(4, 32, Rounding.HQQ, Act.FLOAT),
+            _w(4, 32, Rounding.HQQ, Act.FLOAT),
             None,
         ),
         Scheme(

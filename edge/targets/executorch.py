@@ -191,12 +191,42 @@ def delegation_report(graph_module) -> dict:
     }
 
 
-def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, stages) -> Lowered:
-    """torch.export -> to_edge_transform_and_lower -> to_executorch; each step a timed stage."""
-    import executorch.kernels.quantized  # noqa: F401  (out variants of quantized_decomposed::embedding_*)
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+def _backend_config():
+    from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    return ExecutorchBackendConfig(
+        extract_delegate_segments=True,
+        # Required: fuses torchao's dequantize_affine + embedding into quantized_decomposed
+        # embedding kernels (otherwise "Missing out variants: torchao::dequantize_affine").
+        do_quant_fusion_and_const_prop=True,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+    )
+
+
+def _lower(ep, backend: Backend, meta: dict | None = None):
+    import executorch.kernels.quantized  # noqa: F401  (out variants of quantized_decomposed::embedding_*)
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    return to_edge_transform_and_lower(
+        ep,
+        partitioner=_partitioners(backend),
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+        constant_methods=meta,
+    )
+
+
+def lower_module(module: nn.Module, example: tuple, backend: Backend) -> bytes:
+    """Any module (one linear, one block) through the same lowering as the model: for op-level checks."""
+    with torch.no_grad():
+        ep = torch.export.export(module.eval(), example, strict=True).run_decompositions({})
+    return _lower(ep, backend).to_executorch(_backend_config()).buffer
+
+
+def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, stages) -> Lowered:
+    """torch.export -> to_edge_transform_and_lower -> to_executorch; each step a timed stage."""
     from torch.export import Dim
 
     wrapper = RunnerContract(model, meta["get_vocab_size"]).eval()
@@ -214,24 +244,10 @@ def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, sta
         # index_copy_ (the cache write) has no ExecuTorch kernel: decompose it to index_put.
         ep = ep.run_decompositions({})
     with stages.run("lower", f"to_edge + {backend.name} partitioner"):
-        edge = to_edge_transform_and_lower(
-            ep,
-            partitioner=_partitioners(backend),
-            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-            constant_methods=meta,
-        )
+        edge = _lower(ep, backend, meta)
         del ep
     with stages.run("serialize", "to_executorch + memory planning"):
-        et = edge.to_executorch(
-            ExecutorchBackendConfig(
-                extract_delegate_segments=True,
-                # Required: fuses torchao's dequantize_affine + embedding into quantized_decomposed
-                # embedding kernels (otherwise "Missing out variants: torchao::dequantize_affine").
-                do_quant_fusion_and_const_prop=True,
-                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-            )
-        )
+        et = edge.to_executorch(_backend_config())
         program = et.buffer
         report = delegation_report(et.exported_program().graph_module)
         report["compute"] = COMPUTE[backend.name]

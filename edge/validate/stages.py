@@ -49,4 +49,3 @@ def evaluate(prompts: list[GoldenPrompt], logits_fn: LogitsFn, window: int | Non
             if sel.any():
                 out[side] = summarize({k: v[sel] for k, v in allpp.items()})
     return out
-
