@@ -172,6 +172,62 @@ def doctor(as_json: JsonOpt = False) -> None:
         typer.echo(f"  {name:<28} {'ok' if b['available'] else 'missing: ' + b['install']}")
 
 
+@app.command()
+def validate(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder written by `edge export`.")],
+    stages: Annotated[
+        str | None,
+        typer.Option("--stages", help="Comma-separated: reference, re-authored, quantized, lowered, device."),
+    ] = None,
+    device_logits: Annotated[
+        Path | None, typer.Option("--device-logits", help="Logits dumped on the device (--dump-logits).")
+    ] = None,
+    dump_logits: Annotated[
+        Path | None, typer.Option("--dump-logits", help="Run the artifact here and write its logits for the host.")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Runtime threads for the lowered stage.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare every stage's logits with the fp32 reference; name the stage that lost accuracy.
+
+    Exit 0: within the scheme's band; 1: outside it; 2: bad input (including a modified bundle file)."""
+    from edge.progress import say
+    from edge.validate.run import validate as run_validate
+
+    chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    result = run_validate(bundle, chosen, device_logits, dump_logits, threads, say=say)
+    if as_json:
+        _print_json(result)
+    else:
+        _print_validation(result)
+    raise typer.Exit(1 if result["verdict"]["passed"] is False else 0)
+
+
+def _print_validation(r: dict) -> None:
+    typer.echo(f"{r['variant']} {r['scheme']} on {r['backend']}: {r['bundle']}")
+    cols = ("mean KLD", "p99 KLD", "max KLD", "top-1", "top-5", "max|dlogit|", "ppl x")
+    typer.echo(f"{'stage':<12} " + " ".join(f"{c:>9}" for c in cols))
+    for name, s in r["stages"].items():
+        o = s["overall"]
+        typer.echo(
+            f"{name:<12} {o['mean_kld']:>9.5f} {o['p99_kld']:>9.4f} {o['max_kld']:>9.4f} {o['top1']:>9.4f} "
+            f"{o['top5_overlap']:>9.4f} {o['max_abs_dlogit']:>9.3g} {o.get('ppl_ratio', float('nan')):>9.4f}"
+        )
+    for name, s in r["stages"].items():
+        if "within_window" in s and "past_window" in s:
+            w, p = s["within_window"], s["past_window"]
+            typer.echo(
+                f"  {name}: within the sliding window KLD {w['mean_kld']:.5f} top-1 {w['top1']:.4f} "
+                f"({w['positions']} positions); past it KLD {p['mean_kld']:.5f} top-1 {p['top1']:.4f} "
+                f"({p['positions']})"
+            )
+    typer.echo("probes: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in r["probes"].items()))
+    typer.echo(r["kld_note"])
+    v = r["verdict"]
+    word = {True: "PASS", False: "FAIL", None: "MEASURED"}[v["passed"]]
+    typer.echo(f"{word}: {v['sentence']}")
+
+
 def _quiet_libraries() -> None:
     """The stack's own chatter would bury our progress lines: torchao logs every CUDA extension it
     cannot load on a CPU machine, and torch / executorch emit deprecation warnings by the hundred

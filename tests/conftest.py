@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+from edge import api
 from edge.models.config import Family, GemmaConfig, gemma2_layer_types, gemma3_layer_types
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -59,3 +60,46 @@ FAMILIES = [Family.GEMMA1, Family.GEMMA2, Family.GEMMA3]
 @pytest.fixture(params=FAMILIES, ids=[f.value for f in FAMILIES])
 def family(request) -> Family:
     return request.param
+
+
+# A tiny Gemma 3 with the real vocabulary size, registered as a variant: bundles in seconds.
+TINY = dict(
+    family=Family.GEMMA3,
+    vocab_size=262_144,
+    dim=64,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=1,
+    head_dim=16,
+    hidden_dim=128,
+    query_pre_attn_scalar=16,
+    rope_theta=1_000_000.0,
+    sliding_window=8,
+    layer_types=gemma3_layer_types(2),
+    post_norms=True,
+    qk_norm=True,
+    max_position=512,
+)
+
+
+# The same registration as Python source, for `edge` run in a subprocess.
+REGISTER = (
+    "from edge.models.variants import VARIANTS, Variant; from edge.models.config import *; "
+    f"VARIANTS['tiny-test'] = Variant('tiny-test', ('tiny',), GemmaConfig(**{TINY!r}))"
+).replace("<Family.GEMMA3: 'gemma3'>", "Family.GEMMA3")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_variant():
+    from edge.models.config import GemmaConfig
+    from edge.models.variants import VARIANTS, Variant
+
+    VARIANTS["tiny-test"] = Variant("tiny-test", ("tiny",), GemmaConfig(**TINY))
+    yield
+    VARIANTS.pop("tiny-test")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "tiny-int8"
+    return api.export("tiny-test", "linux", "xnnpack", "int8", random_weights=True, max_seq_len=64, out=out)

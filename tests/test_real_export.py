@@ -19,35 +19,65 @@ from edge.validate.stages import evaluate, runner_logits
 pytestmark = pytest.mark.slow
 
 
+class _Bundles(dict):
+    """Each real bundle exported on first use, once per session (int8 only in the full suite)."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, q):
+        self[q] = api.export("270m", "android", quant=q, out=self.root / q)
+        return self[q]
+
+
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("real")
-    return {q: api.export("270m", "android", quant=q, out=root / q) for q in ("int8", "int4")}
+    return _Bundles(tmp_path_factory.mktemp("real"))
 
 
 @pytest.fixture(scope="session")
 def quantized_eager():
     """The eager model of each scheme: what the .pte must equal."""
     loaded = load_weights(get_variant("270m"))
-    models = {}
-    for q in ("int8", "int4"):
-        m = loaded.build(1024)
-        quantize_model(m, SCHEMES[q], calibration(loaded.tokenizer, m.cfg.vocab_size))  # as `edge export` does
-        models[q] = m
-    return models
+
+    class Models(dict):
+        def __missing__(self, q):
+            m = loaded.build(1024)
+            quantize_model(m, SCHEMES[q], calibration(loaded.tokenizer, m.cfg.vocab_size))  # as `edge export` does
+            self[q] = m
+            return m
+
+    return Models()
 
 
 @pytest.fixture(scope="session")
 def lowered_vs_golden(bundles):
-    out = {}
-    for q, m in bundles.items():
-        prompts = golden.load(bundle_mod.load(m["path"])["path"] + "/golden.npz")
-        out[q] = evaluate(prompts, runner_logits(PteRunner(m["path"] + "/model.pte")), window=512)
-        print(q, "lowered vs fp32:", out[q]["overall"])
-    return out
+    """Each bundle's .pte on the golden prompts vs the fp32 reference logits stored in golden.npz."""
+
+    class Results(dict):
+        def __missing__(self, q):
+            path = bundles[q]["path"]
+            prompts = golden.load(bundle_mod.load(path)["path"] + "/golden.npz")
+            self[q] = evaluate(prompts, runner_logits(PteRunner(path + "/model.pte")), window=512)
+            print(q, "lowered vs fp32:", self[q]["overall"])
+            return self[q]
+
+    return Results()
 
 
-@pytest.mark.parametrize("q", ["int8", "int4"])
+def test_int4_beats_round_to_nearest_on_the_golden_prompts(lowered_vs_golden):
+    """No band for int4 yet (the Quantization issue); round-to-nearest int4 g32 measured 0.68 / 55%."""
+    o = lowered_vs_golden["int4"]["overall"]
+    assert o["mean_kld"] < 0.4 and o["top1"] > 0.6, o
+    assert set(lowered_vs_golden["int4"]) >= {"within_window", "past_window"}
+
+
+# CI (`make test`) runs the android default, int4; `make test-full` adds int8 (another export).
+BOTH = [pytest.param("int8", marks=pytest.mark.full), "int4"]
+
+
+@pytest.mark.parametrize("q", BOTH)
 def test_lowering_adds_no_error_on_the_real_model(q, bundles, quantized_eager):
     """The .pte vs the eager model of the same scheme, teacher-forced on prose, code and chat (229 positions).
 
@@ -77,7 +107,7 @@ def test_lowering_adds_no_error_on_the_real_model(q, bundles, quantized_eager):
     assert top1 >= 0.95
 
 
-@pytest.mark.parametrize("q", ["int8", "int4"])
+@pytest.mark.parametrize("q", BOTH)
 def test_each_quantized_linear_lowers_exactly(q, quantized_eager, tmp_path):
     """Real weights, real activations: one linear of each kind (and the head) lowered alone = eager."""
     from executorch.runtime import Runtime
@@ -110,11 +140,13 @@ def test_each_quantized_linear_lowers_exactly(q, quantized_eager, tmp_path):
     reason="8da8w (the only int8 XNNPACK lowers correctly) costs ~0.02 KLD on the 270M; the int8 band is the "
     "Quantization issue's work. strict: this test fails loudly the day int8 meets its band.",
 )
+@pytest.mark.full
 def test_int8_meets_its_first_step_band(lowered_vs_golden):
     o = lowered_vs_golden["int8"]["overall"]
     assert o["mean_kld"] <= 0.005 and o["top1"] >= 0.97
 
 
+@pytest.mark.full
 def test_int8_is_close_to_fp32_and_int4_is_measured(lowered_vs_golden):
     i8, i4 = lowered_vs_golden["int8"]["overall"], lowered_vs_golden["int4"]["overall"]
     assert i8["mean_kld"] < 0.05 and i8["top1"] > 0.85  # far better than int4; the real band is xfail above
@@ -127,7 +159,7 @@ def test_stock_executorch_runner_loads_the_bundle_unchanged(bundles, quantized_e
     import executorch.kernels.quantized  # noqa: F401  (the stock apps link these kernels too)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    b = bundles["int8"]["path"]
+    b = bundles["int4"]["path"]  # the android default
     prompt = "The capital of France is"
     pieces: list[str] = []
     runner = TextLLMRunner(b + "/model.pte", b + "/tokenizer.model")

@@ -45,35 +45,65 @@ class Reference:
         return self.topk_logit.astype(np.float64) - self.lse[:, None]
 
 
-def per_position(ref: Reference, logits: np.ndarray, targets: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per-position metrics of `logits` (T, V) against `ref`. targets (T,) = the next token, -1 where none."""
-    lq = log_softmax(logits)  # (T, V)
+@dataclass
+class Observed:
+    """What the metrics need from the logits under test, per position, and nothing more.
+
+    A device dumps this instead of its full logits (T x 262144 floats would be ~900 MB for the
+    golden prompts): the logits at the reference's top-k ids, the logsumexp, its own argmax and
+    top-5, and the logit of the next golden token.
+    """
+
+    at_ref_topk: np.ndarray  # (T, k) float32
+    lse: np.ndarray  # (T,) float64
+    argmax: np.ndarray  # (T,) int64
+    top5: np.ndarray  # (T, 5) int64
+    at_target: np.ndarray  # (T,) float32, NaN where there is no next token
+
+    FIELDS = ("at_ref_topk", "lse", "argmax", "top5", "at_target")
+
+    @classmethod
+    def from_logits(cls, ref: Reference, logits: np.ndarray, targets: np.ndarray) -> Observed:
+        logits = np.asarray(logits, dtype=np.float32)
+        m = logits.max(-1, keepdims=True).astype(np.float64)
+        lse = (m[:, 0] + np.log(np.exp(logits - m).sum(-1))).astype(np.float64)
+        valid = targets >= 0
+        at_t = np.take_along_axis(logits, np.where(valid, targets, 0)[:, None], -1)[:, 0]
+        return cls(
+            np.take_along_axis(logits, ref.topk_idx.astype(np.int64), -1),
+            lse,
+            logits.argmax(-1).astype(np.int64),
+            np.argpartition(-logits, 4, axis=-1)[:, :5].astype(np.int64),
+            np.where(valid, at_t, np.nan).astype(np.float32),
+        )
+
+
+def per_position(ref: Reference, obs: Observed, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-position metrics of the logits under test (as Observed) against the reference.
+
+    targets (T,): the next golden token at each position, -1 at the last.
+    """
+    lq_k = obs.at_ref_topk.astype(np.float64) - obs.lse[:, None]
     lp_k = ref.topk_logp  # (T, k)
-    lq_k = np.take_along_axis(lq, ref.topk_idx, axis=-1)
     p_k = np.exp(lp_k)
     tail_p = np.clip(1.0 - p_k.sum(-1), 0.0, 1.0)
     tail_q = np.clip(1.0 - np.exp(lq_k).sum(-1), 1e-30, 1.0)
     tail = np.where(tail_p > 0, tail_p * (np.log(np.maximum(tail_p, 1e-30)) - np.log(tail_q)), 0.0)
     kld = (p_k * (lp_k - lq_k)).sum(-1) + tail
-    test_top5 = np.argpartition(-logits, 4, axis=-1)[:, :5]
     ref_top5 = ref.topk_idx[:, :5]
-    overlap = np.array([len(set(a) & set(b)) / 5 for a, b in zip(test_top5.tolist(), ref_top5.tolist(), strict=True)])
-    out = {
+    overlap = np.array([len(set(a) & set(b)) / 5 for a, b in zip(obs.top5.tolist(), ref_top5.tolist(), strict=True)])
+    lq_t = obs.at_target.astype(np.float64) - obs.lse
+    hit = ref.topk_idx == np.where(targets >= 0, targets, -2)[:, None]
+    lp_t = np.where(hit.any(-1), (lp_k * hit).sum(-1), np.nan)
+    return {
         "kld": np.maximum(kld, 0.0),
-        "top1": (logits.argmax(-1) == ref.topk_idx[:, 0]).astype(np.float64),
+        "top1": (obs.argmax == ref.topk_idx[:, 0]).astype(np.float64),
         "top5_overlap": overlap,
-        "max_abs_dlogit": np.abs(np.take_along_axis(logits, ref.topk_idx, -1) - ref.topk_logit).max(-1),
+        "max_abs_dlogit": np.abs(obs.at_ref_topk - ref.topk_logit).max(-1),
+        # The reference's log-prob of the next token when it is in its top-k; otherwise unknown (NaN).
+        "target_logp": lq_t,
+        "target_logp_ref": lp_t,
     }
-    if targets is not None:
-        valid = targets >= 0
-        t = np.where(valid, targets, 0)[:, None]
-        lq_t = np.take_along_axis(lq, t, -1)[:, 0]
-        # The reference's log-prob of the target when it is in its top-k; otherwise unknown (NaN).
-        hit = ref.topk_idx == t
-        lp_t = np.where(hit.any(-1), (lp_k * hit).sum(-1), np.nan)
-        out["target_logp_ref"] = np.where(valid, lp_t, np.nan)
-        out["target_logp"] = np.where(valid, lq_t, np.nan)
-    return out
 
 
 def summarize(pp: dict[str, np.ndarray]) -> dict[str, float]:

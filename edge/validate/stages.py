@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edge.validate.golden import GoldenPrompt
-from edge.validate.metrics import per_position, summarize
+from edge.validate.metrics import Observed, per_position, summarize
 
 LogitsFn = Callable[[list[int]], np.ndarray]  # ids -> (T, V) logits at every position
 
@@ -29,16 +29,31 @@ def runner_logits(runner) -> LogitsFn:
     return lambda ids: replay(runner, ids)
 
 
-def evaluate(prompts: list[GoldenPrompt], logits_fn: LogitsFn, window: int | None = None) -> dict:
+def targets_of(p: GoldenPrompt) -> np.ndarray:
+    return np.append(p.ids[1:], -1).astype(np.int64)
+
+
+def observe(prompts: list[GoldenPrompt], logits_fn: LogitsFn) -> dict[str, Observed]:
+    """Run a stage over the golden prompts, keeping only what the metrics need."""
+    out = {}
+    for p in prompts:
+        # An artifact's logits may be padded with -inf columns to the tokenizer's size: harmless here.
+        out[p.name] = Observed.from_logits(p.ref, logits_fn([int(i) for i in p.ids]), targets_of(p))
+    return out
+
+
+def score(prompts: list[GoldenPrompt], observed: dict[str, Observed], window: int | None = None) -> dict:
     """Per prompt and overall: summarize() rows; positions before / after the sliding window apart."""
+    missing = [p.name for p in prompts if p.name not in observed]
+    if missing:
+        raise ValueError(f"no logits for the golden prompts {missing}")
     per_prompt, pooled = {}, []
     for p in prompts:
-        ids = [int(i) for i in p.ids]
-        # An artifact's logits may be padded with -inf columns to the tokenizer's size: harmless here.
-        logits = logits_fn(ids)
-        targets = np.append(p.ids[1:], -1).astype(np.int64)
-        pp = per_position(p.ref, logits, targets)
-        pp["position"] = np.arange(len(ids))
+        obs = observed[p.name]
+        if obs.argmax.shape[0] != p.ids.shape[0]:
+            raise ValueError(f"{p.name}: {obs.argmax.shape[0]} positions, the golden prompt has {p.ids.shape[0]}")
+        pp = per_position(p.ref, obs, targets_of(p))
+        pp["position"] = np.arange(p.ids.shape[0])
         per_prompt[p.name] = summarize(pp)
         pooled.append(pp)
     allpp = {k: np.concatenate([pp[k] for pp in pooled]) for k in pooled[0]}
@@ -49,3 +64,32 @@ def evaluate(prompts: list[GoldenPrompt], logits_fn: LogitsFn, window: int | Non
             if sel.any():
                 out[side] = summarize({k: v[sel] for k, v in allpp.items()})
     return out
+
+
+def evaluate(prompts: list[GoldenPrompt], logits_fn: LogitsFn, window: int | None = None) -> dict:
+    return score(prompts, observe(prompts, logits_fn), window)
+
+
+DUMP_FORMAT = "gemma-edge-observed-logits/1"
+
+
+def dump(path, observed: dict[str, Observed], meta: dict) -> None:
+    """`edge validate --dump-logits`: what a device writes and the host's `--device-logits` reads."""
+    import json
+
+    arrays = {"format": np.array(DUMP_FORMAT), "meta": np.array(json.dumps(meta))}
+    for name, obs in observed.items():
+        arrays |= {f"{name}.{f}": getattr(obs, f) for f in Observed.FIELDS}
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def load_dump(path) -> tuple[dict[str, Observed], dict]:
+    import json
+
+    with np.load(path, allow_pickle=False) as z:
+        if "format" not in z or str(z["format"]) != DUMP_FORMAT:
+            raise ValueError(f"not a logits dump written by `edge validate --dump-logits` ({DUMP_FORMAT})")
+        names = {k.split(".", 1)[0] for k in z.files if "." in k}
+        observed = {n: Observed(*(z[f"{n}.{f}"] for f in Observed.FIELDS)) for n in sorted(names)}
+        return observed, json.loads(str(z["meta"]))

@@ -1,0 +1,248 @@
+"""`edge validate`: every stage of the chain against the fp32 reference, and which stage lost accuracy.
+
+Stages, in chain order (shared/DESIGN.md):
+  reference    transformers on the same weights        (is the golden file the real Gemma?)
+  re-authored  our model, fp32, eager                  (does our model equal it?)
+  quantized    our model, the bundle's scheme, eager   (what the scheme costs)
+  lowered      the bundle's artifact in its runtime    (what lowering adds)
+  device       logits dumped on a device               (what the device's runtime adds)
+
+Each stage is scored against golden.npz on the golden positions. The verdict uses the scheme's
+band (edge/quant/schemes.py) on the last stage; when it fails, the first stage whose own metrics
+break the band is named, with its increment over the stage before it.
+
+Device mode: with only numpy and a runtime installed, the stages that need torch are skipped and
+`lowered` runs alone; `--dump-logits` writes the compact per-position record (metrics.Observed)
+that `--device-logits` reads back on the host. Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from edge.errors import EdgeError
+
+STAGES = ("reference", "re-authored", "quantized", "lowered", "device")
+HOST_STAGES = ("reference", "re-authored", "quantized")
+WHAT = {
+    "reference": "transformers fp32 on the same weights",
+    "re-authored": "gemma-edge fp32, eager",
+    "quantized": "gemma-edge {scheme}, eager",
+    "lowered": "{artifact} on {backend}, this host",
+    "device": "logits dumped on the device ({source})",
+}
+
+
+def has_torch() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def _band(manifest: dict) -> dict:
+    """The scheme's band as recorded in the bundle (a device may not have the scheme table's code)."""
+    return manifest["quant"]["scheme"].get("band") or {}
+
+
+def breaks(row: dict, band: dict) -> list[str]:
+    """Which of the band's limits this stage's overall row breaks (empty: within the band)."""
+    out = []
+    if band.get("mean_kld") is not None and row["mean_kld"] > band["mean_kld"]:
+        out.append(f"mean KLD {row['mean_kld']:.4f} > {band['mean_kld']}")
+    if band.get("top1") is not None and row["top1"] < band["top1"]:
+        out.append(f"top-1 {row['top1']:.3f} < {band['top1']}")
+    if band.get("max_abs_logit") is not None and row["max_abs_dlogit"] > band["max_abs_logit"]:
+        out.append(f"max |dlogit| {row['max_abs_dlogit']:.2e} > {band['max_abs_logit']}")
+    return out
+
+
+def verdict(results: dict[str, dict], band: dict, window: int | None) -> dict:
+    """Pass/fail on the last stage; the first stage that breaks the band, and by how much it added."""
+    order = [s for s in STAGES if s in results]
+    if not order:
+        raise EdgeError("no stage was evaluated", hint="choose stages with --stages, or pass --device-logits")
+    if not band:
+        return {"passed": None, "final_stage": order[-1], "sentence": "this scheme has no band: measured only"}
+    final = order[-1]
+    failing = breaks(results[final]["overall"], band)
+    out = {"passed": not failing, "final_stage": final, "band": band}
+    if not failing:
+        out["sentence"] = f"{final} is within the band ({', '.join(f'{k} {v}' for k, v in band.items() if v)})"
+        return out
+    prev = None
+    for stage in order:
+        if breaks(results[stage]["overall"], band):
+            row = results[stage]
+            added = row["overall"]["mean_kld"] - (results[prev]["overall"]["mean_kld"] if prev else 0.0)
+            where = ""
+            if window and "past_window" in row and "within_window" in row:
+                before = results[prev] if prev else {}
+                inc = {
+                    side: row[side]["mean_kld"] - (before[side]["mean_kld"] if side in before else 0.0)
+                    for side in ("within_window", "past_window")
+                }
+                if inc["past_window"] > 2 * max(inc["within_window"], 1e-9):
+                    where = f" on positions past the sliding window ({window})"
+                elif inc["within_window"] > 2 * max(inc["past_window"], 1e-9):
+                    where = f" on positions within the sliding window ({window})"
+            out |= {"culprit": stage, "added_mean_kld": added, "broken": breaks(row["overall"], band)}
+            out["sentence"] = (
+                f"{stage} added mean KLD {added:.4f}{where}"
+                + (f" over {prev}" if prev else "")
+                + f": {'; '.join(out['broken'])}"
+            )
+            return out
+        prev = stage
+    raise AssertionError("unreachable: the final stage breaks the band")
+
+
+def probes(manifest: dict, prompts) -> dict:
+    """Gemma checks that need no model: BOS first; the bundle's tokenizer gives the golden ids."""
+    bos = manifest["special_ids"]["bos"]
+    out = {"bos_first": all(int(p.ids[0]) == bos for p in prompts)}
+    if importlib.util.find_spec("sentencepiece") is not None:
+        from edge.models.tokenizer import Tokenizer
+        from edge.validate.golden import prompt_ids
+
+        tok = Tokenizer(Path(manifest["path"]) / manifest["tokenizer"]["file"])
+        want = prompt_ids(tok, manifest["arch"]["vocab_size"], manifest["max_seq_len"])
+        out["tokenizer_matches_golden"] = all(want.get(p.name) == [int(i) for i in p.ids] for p in prompts)
+    return out
+
+
+def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
+    """The logits function of a stage. `host` caches the loaded weights across the torch stages."""
+    from edge.validate import stages as st
+
+    if stage == "lowered":
+        from edge import api
+
+        return st.runner_logits(api.open_runner(manifest, threads=threads))
+    import torch
+
+    torch.set_grad_enabled(False)
+    if "loaded" not in host:
+        host["loaded"] = _load_weights(manifest)
+    loaded = host["loaded"]
+    if stage == "reference":
+        from edge.models.reference import build_reference
+
+        ref = build_reference(loaded.config, loaded.tensors)
+
+        def fn(ids: list[int]):
+            return ref(torch.tensor([ids])).logits[0].float().numpy()
+
+        return fn
+    model = loaded.build(manifest["max_seq_len"])
+    if stage == "quantized":
+        from edge.quant.apply import calibration, quantize_model
+        from edge.quant.schemes import get_scheme
+
+        scheme = get_scheme(manifest["quant"]["scheme"]["name"])
+        calib = calibration(loaded.tokenizer, loaded.config.vocab_size) if scheme.smooth else None
+        quantize_model(model, scheme, calib)
+    return st.eager_logits(model)
+
+
+def _load_weights(manifest: dict):
+    """The weights the bundle was exported from, as its manifest records them."""
+    from edge.models.loading import load_weights
+    from edge.models.variants import get_variant
+
+    src = manifest["weights"]
+    variant = get_variant(manifest["variant"])
+    if src["kind"] == "random":
+        return load_weights(variant, None, True, int(src.get("seed", 0)))
+    if src["kind"] in ("gguf", "hf"):
+        if not Path(src["path"]).exists():
+            raise EdgeError(
+                f"the bundle was exported from {src['path']}, which is not here",
+                hint="validate on the machine that exported it, or run only --stages lowered,device",
+            )
+        return load_weights(variant, Path(src["path"]), False, 0)
+    return load_weights(variant, None, False, 0)
+
+
+def validate(
+    bundle: str | Path,
+    stages: list[str] | None = None,
+    device_logits: str | Path | None = None,
+    dump_logits: str | Path | None = None,
+    threads: int | None = None,
+    say=lambda msg: None,
+) -> dict:
+    from edge import bundle as bundle_mod
+    from edge.targets import BACKENDS
+    from edge.validate import golden
+    from edge.validate import stages as st
+
+    manifest = bundle_mod.load(bundle)  # every file's sha256 first: a modified file is exit 2
+    path = Path(manifest["path"])
+    prompts = golden.load(path / manifest["golden"]["file"])
+    window = manifest["arch"].get("sliding_window")
+    backend = BACKENDS.get(manifest["backend"])
+    runs_here = bool(backend and backend.runs_here and backend.available())
+    if stages is None:
+        stages = [*(HOST_STAGES if has_torch() else ()), *(("lowered",) if runs_here else ())]
+        stages += ["device"] if device_logits else []
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise EdgeError(f"unknown stage(s) {unknown}", hint=f"choose from: {', '.join(STAGES)}")
+    if "device" in stages and not device_logits:
+        raise EdgeError("the device stage needs --device-logits FILE", hint="write it on the device: --dump-logits")
+    if dump_logits and "lowered" not in stages:
+        stages = [*stages, "lowered"]
+    if any(s in HOST_STAGES for s in stages) and not has_torch():
+        raise EdgeError(
+            f"stages {[s for s in stages if s in HOST_STAGES]} need torch, which is not installed here",
+            hint="on a device, run --stages lowered (and --dump-logits FILE for the host)",
+        )
+    if "lowered" in stages and not runs_here:
+        raise EdgeError(
+            f"the {manifest['backend']} artifact cannot run on this host",
+            hint="run `edge validate --dump-logits FILE` on the device, then `--device-logits FILE` here",
+        )
+
+    results: dict[str, dict] = {}
+    host: dict = {}
+    what = {
+        "scheme": manifest["quant"]["scheme"]["name"],
+        "artifact": manifest["artifact"],
+        "backend": manifest["backend"],
+        "source": Path(device_logits).name if device_logits else "",
+    }
+    for stage in [s for s in STAGES if s in stages]:
+        say(f"[{stage}] {WHAT[stage].format(**what)}")
+        if stage == "device":
+            try:
+                observed, meta = st.load_dump(device_logits)
+            except (OSError, ValueError, KeyError) as e:
+                raise EdgeError(f"cannot read {device_logits}: {e}", hint="pass a file from --dump-logits") from e
+            if meta.get("bundle_sha256") != manifest["files"][manifest["artifact"]]["sha256"]:
+                raise EdgeError(
+                    f"{device_logits} was dumped from another artifact than this bundle's",
+                    hint="dump the logits with this very bundle on the device",
+                )
+        else:
+            observed = st.observe(prompts, _stage_logits(stage, manifest, host, threads))
+            if stage == "reference":
+                host.pop("reference", None)
+        if stage == "lowered" and dump_logits:
+            st.dump(dump_logits, observed, {"bundle_sha256": manifest["files"][manifest["artifact"]]["sha256"]})
+            say(f"  logits written to {dump_logits}")
+        try:
+            results[stage] = st.score(prompts, observed, window)
+        except ValueError as e:
+            raise EdgeError(f"{stage}: {e}", hint="dump the logits again with this bundle") from e
+        results[stage]["what"] = WHAT[stage].format(**what)
+        o = results[stage]["overall"]
+        say(f"  mean KLD {o['mean_kld']:.5f}  top-1 {o['top1']:.4f}  max |dlogit| {o['max_abs_dlogit']:.3g}")
+    return {
+        "bundle": str(path),
+        "variant": manifest["variant"],
+        "scheme": what["scheme"],
+        "backend": manifest["backend"],
+        "kld_note": "KLD over the reference's top-128 plus one tail bucket: a lower bound of the full KLD",
+        "probes": probes(manifest, prompts),
+        "stages": results,
+        "verdict": verdict(results, _band(manifest), window),
+    }
