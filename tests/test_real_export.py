@@ -67,9 +67,10 @@ def lowered_vs_golden(bundles):
 
 
 def test_int4_beats_round_to_nearest_on_the_golden_prompts(lowered_vs_golden):
-    """No band for int4 yet (the Quantization issue); round-to-nearest int4 g32 measured 0.68 / 55%."""
+    """No band for int4 yet (the Quantization issue). Measured: round-to-nearest g32 0.68 / 55%, HQQ
+    0.418 / 65.8%, HQQ + SmoothQuant 0.244 / 70.5%: the bound guards what smoothing gained."""
     o = lowered_vs_golden["int4"]["overall"]
-    assert o["mean_kld"] < 0.4 and o["top1"] > 0.6, o
+    assert o["mean_kld"] < 0.3 and o["top1"] > 0.67, o
     assert set(lowered_vs_golden["int4"]) >= {"within_window", "past_window"}
 
 
@@ -147,8 +148,8 @@ def test_each_quantized_linear_lowers_exactly(q, quantized_eager, tmp_path):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="8da8w (the only int8 XNNPACK lowers correctly) costs ~0.02 KLD on the 270M; the int8 band is the "
-    "Quantization issue's work. strict: this test fails loudly the day int8 meets its band.",
+    reason="8da8w per-channel (the only int8 XNNPACK lowers correctly) with SmoothQuant costs KLD 0.0060 / top-1 "
+    "95.0% on the 270M (without: 0.020 / 91.8%); strict: this test fails loudly the day int8 meets its band.",
 )
 @pytest.mark.full
 def test_int8_meets_its_first_step_band(lowered_vs_golden):
@@ -159,7 +160,8 @@ def test_int8_meets_its_first_step_band(lowered_vs_golden):
 @pytest.mark.full
 def test_int8_is_close_to_fp32_and_int4_is_measured(lowered_vs_golden):
     i8, i4 = lowered_vs_golden["int8"]["overall"], lowered_vs_golden["int4"]["overall"]
-    assert i8["mean_kld"] < 0.05 and i8["top1"] > 0.85  # far better than int4; the real band is xfail above
+    # SmoothQuant's gain guarded: without it int8 measured 0.020 / 91.8%, with it 0.0060 / 95.0%
+    assert i8["mean_kld"] < 0.01 and i8["top1"] > 0.93
     assert i4["mean_kld"] > i8["mean_kld"]
     assert set(lowered_vs_golden["int8"]) >= {"within_window", "past_window"}
 
@@ -183,15 +185,20 @@ def test_stock_executorch_runner_loads_the_bundle_unchanged(bundles, quantized_e
     assert tok.encode(prompt)[0] == 2
 
 
-def test_generate_bundle_matches_eager_quantized_greedy(bundles, quantized_eager):
-    from edge.generation import encode_prompt, generate
+def test_generate_bundle_follows_the_eager_quantized_model(bundles, quantized_eager):
+    """`edge generate --bundle`'s greedy tokens, teacher-forced through the eager int4 model: each
+    is the eager argmax, or a near-tie with it (the dynamic-activation noise floor can flip a
+    near-tie; a broken artifact picks tokens the eager model does not rank near the top)."""
     from edge.runtime.eager import EagerRunner
 
     b = bundles["int4"]["path"]
-    tok = Tokenizer(b + "/tokenizer.model")
-    ids = encode_prompt(tok, "def fibonacci(n):", False)
-    eager = generate(EagerRunner(quantized_eager["int4"]), tok, ids, 16)
     via_pte = api.generate("def fibonacci(n):", bundle=b, max_new_tokens=16)
-    same = sum(a == b_ for a, b_ in zip(eager.output_ids, via_pte.output_ids, strict=False))
-    assert via_pte.output_ids[:8] == eager.output_ids[:8], (same, tok.decode(via_pte.output_ids))
-    assert torch.__version__.startswith("2.13")
+    seq = via_pte.prompt_ids + via_pte.output_ids
+    logits = EagerRunner(quantized_eager["int4"]).all_logits(seq)[len(via_pte.prompt_ids) - 1 : -1]
+    chosen = logits[np.arange(len(via_pte.output_ids)), via_pte.output_ids]
+    margin = logits.max(-1) - chosen  # 0 where the bundle picked the eager argmax
+    print(
+        "bundle text:", repr(Tokenizer(b + "/tokenizer.model").decode(via_pte.output_ids)), "margins", margin.round(2)
+    )
+    assert len(via_pte.output_ids) >= 8
+    assert (margin == 0).mean() >= 0.75 and margin.max() < 1.0, margin
