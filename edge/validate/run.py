@@ -224,8 +224,6 @@ def validate(
                 )
         else:
             observed = st.observe(prompts, _stage_logits(stage, manifest, host, threads))
-            if stage == "reference":
-                host.pop("reference", None)
         if stage == "lowered" and dump_logits:
             st.dump(dump_logits, observed, {"bundle_sha256": manifest["files"][manifest["artifact"]]["sha256"]})
             say(f"  logits written to {dump_logits}")
