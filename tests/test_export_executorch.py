@@ -123,9 +123,12 @@ def test_a_quantized_linear_lowers_exactly(tmp_path, scheme):
     s = SCHEMES[scheme]
     from torchao.quantization import quantize_
 
-    from edge.quant.apply import _bf16_group_scales, _torchao_config
+    from edge.quant.apply import _as_realized, _bf16_group_scales, _splits, _torchao_config
+    from edge.quant.split import split_linears
 
-    quantize_(lin, _torchao_config(s.linear, False))
+    if _splits(s.linear):  # int8 groups: column slices, each per-channel (edge/quant/split.py)
+        split_linears(lin, {"0"}, s.linear.group)
+    quantize_(lin, _torchao_config(_as_realized(s.linear), False))
     _bf16_group_scales(lin)
     want = lin(x)
     path = tmp_path / "lin.pte"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -108,16 +109,48 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
         # want different formats). Same storage until quantize_ replaces each.
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
     todo = {r["name"] for r in coverage if r["scheme"] != "fp32"}
+    _split_grouped_int8(model, scheme, todo, coverage)
     groups = [
         (scheme.embedding, True, lambda m, n: isinstance(m, nn.Embedding) and n in todo),
-        (scheme.head, False, lambda m, n: isinstance(m, nn.Linear) and n == "lm_head" and n in todo),
-        (scheme.linear, False, lambda m, n: isinstance(m, nn.Linear) and n != "lm_head" and n in todo),
+        (scheme.head, False, lambda m, n: isinstance(m, nn.Linear) and _owner(n) == "lm_head" and _owner(n) in todo),
+        (scheme.linear, False, lambda m, n: isinstance(m, nn.Linear) and _owner(n) != "lm_head" and _owner(n) in todo),
     ]
     for q, is_embedding, keep in groups:
         if q is not None:
-            quantize_(model, _torchao_config(q, is_embedding), filter_fn=keep)
+            quantize_(model, _torchao_config(_as_realized(q), is_embedding), filter_fn=keep)
     _bf16_group_scales(model)
     return coverage
+
+
+def _splits(q: WeightQuant | None) -> bool:
+    """8-bit groups with dynamic activations: realized as column slices (edge/quant/split.py)."""
+    return q is not None and q.bits == 8 and q.group is not None and q.act == Act.DYNAMIC_INT8
+
+
+def _as_realized(q: WeightQuant) -> WeightQuant:
+    """What torchao applies to each nn.Linear: a split linear's slices are per-channel."""
+    return replace(q, group=None) if _splits(q) else q
+
+
+def _owner(name: str) -> str:
+    """The linear a (possibly split) module belongs to: "layers.0.mlp.down.parts.3" -> "layers.0.mlp.down"."""
+    head, sep, _ = name.partition(".parts.")
+    return head if sep else name
+
+
+def _split_grouped_int8(model: nn.Module, scheme: Scheme, todo: set[str], coverage: list[dict]) -> None:
+    from edge.quant.split import split_linears
+
+    for q, pick in ((scheme.head, lambda n: n == "lm_head"), (scheme.linear, lambda n: n != "lm_head")):
+        if not _splits(q):
+            continue
+        rows = [r for r in coverage if r["name"] in todo and r["name"] != "embed" and pick(r["name"])]
+        split_linears(model, {r["name"] for r in rows}, q.group)
+        for r in rows:
+            r["realized"] = (
+                f"{r['shape'][1] // q.group} slices of {q.group} input columns, each 8da8w per channel, summed"
+                " (XNNPACK has no grouped int8 kernel)"
+            )
 
 
 def _bf16_group_scales(model: nn.Module) -> None:

@@ -82,10 +82,11 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("fp32", "no quantization", None, None, None, Band(max_abs_logit=1e-3)),
         Scheme(
             "int8",
-            "int8 weights per output channel with dynamic int8 activations (8da8w) on every linear and the head"
-            " (XNNPACK groups only 4-bit weights), SmoothQuant scales folded in; int8 g32 embedding",
-            _w(8, None),
-            _w(8, None),
+            "int8 weights and dynamic int8 activations in groups of 64 input channels (8da8w g64) on every"
+            " linear and the head, SmoothQuant scales folded in; int8 g32 embedding. XNNPACK has no grouped"
+            " int8 kernel: each linear runs as 64-column slices, each per channel (edge/quant/split.py)",
+            _w(8, 64),
+            _w(8, 64),
             _w(8, 32, act=Act.FLOAT),
             Band(mean_kld=0.005, top1=0.97),
             smooth=True,
