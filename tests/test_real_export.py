@@ -148,8 +148,9 @@ def test_each_quantized_linear_lowers_exactly(q, quantized_eager, tmp_path):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="8da8w per-channel (the only int8 XNNPACK lowers correctly) with SmoothQuant costs KLD 0.0060 / top-1 "
-    "95.0% on the 270M (without: 0.020 / 91.8%); strict: this test fails loudly the day int8 meets its band.",
+    reason="int8 (8da8w, SmoothQuant, head g64 and mlp.down g128 as column slices) measured lowered KLD 0.0026 "
+    "(band 0.005: met) but top-1 96.6% (band 97%): the misses are near-ties (fp32 margin < 0.2) that dynamic "
+    "activation rounding flips; strict: this test fails loudly the day int8 meets its band.",
 )
 @pytest.mark.full
 def test_int8_meets_its_first_step_band(lowered_vs_golden):
@@ -160,8 +161,9 @@ def test_int8_meets_its_first_step_band(lowered_vs_golden):
 @pytest.mark.full
 def test_int8_is_close_to_fp32_and_int4_is_measured(lowered_vs_golden):
     i8, i4 = lowered_vs_golden["int8"]["overall"], lowered_vs_golden["int4"]["overall"]
-    # SmoothQuant's gain guarded: without it int8 measured 0.020 / 91.8%, with it 0.0060 / 95.0%
-    assert i8["mean_kld"] < 0.01 and i8["top1"] > 0.93
+    # The levers' gains guarded: rtn per-channel 0.020 / 91.8%, + SmoothQuant 0.0060 / 95.0%, + head and
+    # mlp.down in groups (column slices) 0.0026 / 96.6%
+    assert i8["mean_kld"] < 0.004 and i8["top1"] > 0.955
     assert i4["mean_kld"] > i8["mean_kld"]
     assert set(lowered_vs_golden["int8"]) >= {"within_window", "past_window"}
 

@@ -56,16 +56,30 @@ def test_grouped_int8_beats_per_channel_on_an_outlier_column():
     assert errs["g64"] < 0.7 * errs["per-channel"], errs  # measured 0.026 vs 0.041
 
 
-def test_int8_scheme_splits_every_linear_and_says_so():
+def test_int8_scheme_splits_its_grouped_sites_and_says_so():
     from test_export_executorch import tiny_model
 
     model = tiny_model()
-    rows = {r["name"]: r for r in quantize_model(model, SCHEMES["int8"], random_calibration(model.cfg.vocab_size))}
-    q = SCHEMES["int8"].linear
-    assert isinstance(model.layers[0].mlp.down, ColumnSplitLinear)
-    assert model.layers[0].mlp.down.group == q.group
+    scheme = SCHEMES["int8"]
+    rows = {r["name"]: r for r in quantize_model(model, scheme, random_calibration(model.cfg.vocab_size))}
+    down_q = scheme.quant_for("layers.0.mlp.down")
+    assert down_q.group and scheme.head.group  # the grouped sites of the scheme
+    down = model.layers[0].mlp.down
+    assert isinstance(down, ColumnSplitLinear) and down.group == down_q.group
+    assert isinstance(model.lm_head, ColumnSplitLinear) and model.lm_head.group == scheme.head.group
+    assert isinstance(model.layers[0].attn.wq, nn.Linear)  # per channel: not split
     assert "slices of" in rows["layers.0.mlp.down"]["realized"]
-    assert rows["layers.0.mlp.down"]["scheme"] == f"8da8w-g{q.group}-rtn"
-    part = model.layers[0].mlp.down.parts[0]
+    assert rows["layers.0.mlp.down"]["scheme"] == f"8da8w-g{down_q.group}-rtn"
+    assert rows["layers.0.attn.wq"]["scheme"] == "8da8w-per-channel-rtn" and "realized" not in rows["layers.0.attn.wq"]
+    part = down.parts[0]
     assert hasattr(part.weight, "scale") and part.weight.scale.numel() == part.out_features  # per channel
     assert "realized" not in rows["embed"]
+
+
+def test_overrides_pick_the_linears_they_name():
+    from edge.quant.schemes import Act, Scheme, WeightQuant
+
+    a, b, h = WeightQuant(8, None), WeightQuant(8, 128), WeightQuant(4, 32, Act.FLOAT)
+    s = Scheme("x", "", a, h, None, None, overrides=(("mlp.down", b),))
+    assert s.quant_for("layers.3.mlp.down") is b and s.quant_for("layers.3.mlp.up") is a
+    assert s.quant_for("lm_head") is h

@@ -45,7 +45,7 @@ def plan(model: nn.Module, scheme: Scheme) -> list[dict]:
         if isinstance(mod, nn.Embedding):
             q, width = scheme.embedding, mod.embedding_dim
         elif isinstance(mod, nn.Linear):
-            q, width = (scheme.head if name == "lm_head" else scheme.linear), mod.in_features
+            q, width = scheme.quant_for(name), mod.in_features
         else:
             continue
         row = {"name": name, "shape": list(mod.weight.shape), "scheme": "fp32"}
@@ -110,14 +110,13 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
     todo = {r["name"] for r in coverage if r["scheme"] != "fp32"}
     _split_grouped_int8(model, scheme, todo, coverage)
-    groups = [
-        (scheme.embedding, True, lambda m, n: isinstance(m, nn.Embedding) and n in todo),
-        (scheme.head, False, lambda m, n: isinstance(m, nn.Linear) and _owner(n) == "lm_head" and _owner(n) in todo),
-        (scheme.linear, False, lambda m, n: isinstance(m, nn.Linear) and _owner(n) != "lm_head" and _owner(n) in todo),
-    ]
-    for q, is_embedding, keep in groups:
-        if q is not None:
-            quantize_(model, _torchao_config(_as_realized(q), is_embedding), filter_fn=keep)
+    if scheme.embedding is not None:
+        is_table = lambda m, n: isinstance(m, nn.Embedding) and n in todo  # noqa: E731
+        quantize_(model, _torchao_config(scheme.embedding, True), filter_fn=is_table)
+    linears = {scheme.quant_for(r["name"]) for r in coverage if r["name"] in todo and r["name"] != "embed"}
+    for q in linears:  # one pass per distinct WeightQuant (a module's own slices share its owner's)
+        uses = lambda m, n, q=q: isinstance(m, nn.Linear) and _owner(n) in todo and scheme.quant_for(_owner(n)) == q  # noqa: E731
+        quantize_(model, _torchao_config(_as_realized(q), False), filter_fn=uses)
     _bf16_group_scales(model)
     return coverage
 
@@ -141,12 +140,10 @@ def _owner(name: str) -> str:
 def _split_grouped_int8(model: nn.Module, scheme: Scheme, todo: set[str], coverage: list[dict]) -> None:
     from edge.quant.split import split_linears
 
-    for q, pick in ((scheme.head, lambda n: n == "lm_head"), (scheme.linear, lambda n: n != "lm_head")):
-        if not _splits(q):
-            continue
-        rows = [r for r in coverage if r["name"] in todo and r["name"] != "embed" and pick(r["name"])]
-        split_linears(model, {r["name"] for r in rows}, q.group)
-        for r in rows:
+    for r in coverage:
+        q = scheme.quant_for(r["name"])
+        if r["name"] in todo and r["name"] != "embed" and _splits(q):
+            split_linears(model, {r["name"]}, q.group)
             r["realized"] = (
                 f"{r['shape'][1] // q.group} slices of {q.group} input columns, each 8da8w per channel, summed"
                 " (XNNPACK has no grouped int8 kernel)"

@@ -63,6 +63,17 @@ class Scheme:
     smooth: bool = False
     # Lowering alone (artifact vs the eager model of the same scheme) must add less than this.
     lowering_max_kld: float = 1e-3
+    # (name suffix, quant) pairs that override `linear` for the linears whose name ends so.
+    overrides: tuple[tuple[str, WeightQuant], ...] = ()
+
+    def quant_for(self, name: str) -> WeightQuant | None:
+        """How the linear called `name` is quantized ("lm_head": the head)."""
+        if name == "lm_head":
+            return self.head
+        for suffix, q in self.overrides:
+            if name.endswith(suffix):
+                return q
+        return self.linear
 
     @property
     def quantized(self) -> bool:
@@ -82,14 +93,16 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("fp32", "no quantization", None, None, None, Band(max_abs_logit=1e-3)),
         Scheme(
             "int8",
-            "int8 weights and dynamic int8 activations in groups of 64 input channels (8da8w g64) on every"
-            " linear and the head, SmoothQuant scales folded in; int8 g32 embedding. XNNPACK has no grouped"
-            " int8 kernel: each linear runs as 64-column slices, each per channel (edge/quant/split.py)",
-            _w(8, 64),
+            "int8 weights with dynamic int8 activations (8da8w) on every linear and the head, SmoothQuant"
+            " scales folded in: per output channel, except groups of 64 input channels in the head and 128 in"
+            " mlp.down (the two most sensitive sites), realized as column slices on XNNPACK, which has no"
+            " grouped int8 kernel (edge/quant/split.py); int8 g32 embedding",
+            _w(8, None),
             _w(8, 64),
             _w(8, 32, act=Act.FLOAT),
             Band(mean_kld=0.005, top1=0.97),
             smooth=True,
+            overrides=(("mlp.down", _w(8, 128)),),
         ),
         Scheme(
             "int4",
