@@ -107,8 +107,10 @@ def test_coverage_reports_what_group_size_skips():
     assert rows["layers.0.mlp.up"]["scheme"].startswith("8da4w")
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "int4-g128"])
-def test_a_quantized_linear_lowers_exactly(tmp_path, scheme):
+@pytest.mark.parametrize("scheme,site", [("int8", "layers.0.attn.wq"), ("int8", "layers.0.mlp.down"),
+                                         ("int8", "lm_head"), ("int4", "layers.0.attn.wq"),
+                                         ("int4-g128", "layers.0.attn.wq")])  # fmt: skip
+def test_a_quantized_linear_lowers_exactly(tmp_path, scheme, site):
     """One 8da linear, lowered alone, equals eager to float rounding: the op-level half of
     "lowering adds no error" (whole models are chaotic under dynamic activation quantization).
     int4's group scales are rounded to bf16 in eager, as XNNPACK stores them: without that,
@@ -126,9 +128,10 @@ def test_a_quantized_linear_lowers_exactly(tmp_path, scheme):
     from edge.quant.apply import _as_realized, _bf16_group_scales, _splits, _torchao_config
     from edge.quant.split import split_linears
 
-    if _splits(s.linear):  # int8 groups: column slices, each per-channel (edge/quant/split.py)
-        split_linears(lin, {"0"}, s.linear.group)
-    quantize_(lin, _torchao_config(_as_realized(s.linear), False))
+    q = s.quant_for(site)
+    if _splits(q):  # int8 groups: column slices, each per-channel (edge/quant/split.py)
+        split_linears(lin, {"0"}, q.group)
+    quantize_(lin, _torchao_config(_as_realized(q), False))
     _bf16_group_scales(lin)
     want = lin(x)
     path = tmp_path / "lin.pte"
