@@ -137,3 +137,30 @@ def test_verdict_names_the_first_stage_that_breaks_the_band():
     assert ok["passed"] is True and "culprit" not in ok
     top1 = verdict({"quantized": {"overall": _row(0.01, 0.90)}}, band, None)
     assert top1["culprit"] == "quantized" and "top-1 0.900 < 0.92" in top1["sentence"]
+
+
+def test_softcap_probe_catches_logits_beyond_gemma2s_cap():
+    """Gemma 2's final softcap: eager logits stay within it; an artifact that lost the tanh does not."""
+    import torch
+
+    from conftest import tiny_config
+    from edge.models.config import Family
+    from edge.models.gemma import Gemma
+    from edge.models.weights import assign, random_tensors
+    from edge.runtime.eager import EagerRunner
+    from edge.validate.run import softcap_peaks
+
+    cfg = tiny_config(Family.GEMMA2, final_softcap=2.0)
+    m = Gemma(cfg, max_seq_len=32).eval()
+    assign(m, random_tensors(cfg), "random")
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach() * 50)  # logits far beyond the cap
+    ids = [2, *range(10, 30)]
+    with torch.no_grad():
+        capped = np.asarray(EagerRunner(m).all_logits(ids), dtype=np.float32)
+    ref = Reference.from_logits(capped, k=16)
+    targets = np.append(ids[1:], -1)
+    ok = softcap_peaks({"p": Observed.from_logits(ref, capped, targets)}, 2.0)
+    assert ok["ok"] and 1.0 < ok["max_abs_logit"] <= 2.0
+    uncapped = np.arctanh(np.clip(capped / 2.0, -0.999999, 0.999999)) * 2.0  # the tanh undone
+    bad = softcap_peaks({"p": Observed.from_logits(ref, uncapped, targets)}, 2.0)
+    assert not bad["ok"] and bad["max_abs_logit"] > 2.0

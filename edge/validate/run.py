@@ -109,6 +109,16 @@ def probes(manifest: dict, prompts) -> dict:
     return out
 
 
+def softcap_peaks(observed: dict, cap: float) -> dict:
+    """Gemma 2 caps its logits with cap * tanh(x / cap): a stage whose logits exceed the cap lost it.
+
+    The peak is taken over the logits at the reference's top-k ids of every position (where the
+    largest logits are); a float32 tanh may round to the cap itself, never beyond it.
+    """
+    peak = max(float(abs(o.at_ref_topk).max()) for o in observed.values())
+    return {"cap": cap, "max_abs_logit": peak, "ok": peak <= cap * (1 + 1e-6)}
+
+
 def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
     """The logits function of a stage. `host` caches the loaded weights across the torch stages."""
     from edge.validate import stages as st
@@ -204,6 +214,7 @@ def validate(
 
     results: dict[str, dict] = {}
     host: dict = {}
+    cap = manifest["arch"].get("final_softcap")
     what = {
         "scheme": manifest["quant"]["scheme"]["name"],
         "artifact": manifest["artifact"],
@@ -232,6 +243,8 @@ def validate(
         except ValueError as e:
             raise EdgeError(f"{stage}: {e}", hint="dump the logits again with this bundle") from e
         results[stage]["what"] = WHAT[stage].format(**what)
+        if cap:
+            results[stage]["softcap"] = softcap_peaks(observed, cap)
         o = results[stage]["overall"]
         say(f"  mean KLD {o['mean_kld']:.5f}  top-1 {o['top1']:.4f}  max |dlogit| {o['max_abs_dlogit']:.3g}")
     return {
@@ -240,7 +253,8 @@ def validate(
         "scheme": what["scheme"],
         "backend": manifest["backend"],
         "kld_note": "KLD over the reference's top-128 plus one tail bucket: a lower bound of the full KLD",
-        "probes": probes(manifest, prompts),
+        "probes": probes(manifest, prompts)
+        | ({"final_softcap": all(r["softcap"]["ok"] for r in results.values())} if cap else {}),
         "stages": results,
         "verdict": verdict(results, _band(manifest), window),
     }
