@@ -83,3 +83,13 @@ def test_overrides_pick_the_linears_they_name():
     s = Scheme("x", "", a, h, None, None, overrides=(("mlp.down", b),))
     assert s.quant_for("layers.3.mlp.down") is b and s.quant_for("layers.3.mlp.up") is a
     assert s.quant_for("lm_head") is h
+
+
+def test_slices_widen_to_keep_the_graph_small():
+    from edge.quant.split import MAX_SLICES, slice_width
+
+    assert slice_width(640, 64) == 64 and slice_width(2048, 128) == 128  # the 270M: as the scheme says
+    assert slice_width(2304, 64) == 192 and slice_width(9216, 128) == 768  # gemma2-2b: widened
+    for n, g in ((2304, 64), (9216, 128), (6912, 128), (1152, 64)):
+        w = slice_width(n, g)
+        assert n % w == 0 and w % g == 0 and n // w <= MAX_SLICES

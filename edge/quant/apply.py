@@ -138,15 +138,18 @@ def _owner(name: str) -> str:
 
 
 def _split_grouped_int8(model: nn.Module, scheme: Scheme, todo: set[str], coverage: list[dict]) -> None:
-    from edge.quant.split import split_linears
+    from edge.quant.split import MAX_SLICES, slice_width, split_linears
 
     for r in coverage:
         q = scheme.quant_for(r["name"])
         if r["name"] in todo and r["name"] != "embed" and _splits(q):
-            split_linears(model, {r["name"]}, q.group)
+            width = slice_width(r["shape"][1], q.group)
+            split_linears(model, {r["name"]}, width)
+            r["scheme"] = replace(q, group=width).label()
             r["realized"] = (
-                f"{r['shape'][1] // q.group} slices of {q.group} input columns, each 8da8w per channel, summed"
+                f"{r['shape'][1] // width} slices of {width} input columns, each 8da8w per channel, summed"
                 " (XNNPACK has no grouped int8 kernel)"
+                + (f"; group {q.group} widened to keep <= {MAX_SLICES} slices" if width != q.group else "")
             )
 
 

@@ -24,6 +24,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Slices per linear at most: the graph grows with every slice (see above), so wide linears of
+# bigger models get wider slices -- the smallest multiple of the scheme's group that keeps the
+# count within this (2B: head 2304 / 64 -> 12 slices of 192, mlp.down 9216 / 128 -> 12 of 768).
+MAX_SLICES = 16
+
+
+def slice_width(in_features: int, group: int, max_slices: int = MAX_SLICES) -> int:
+    """The scheme's group, widened to a multiple of it that divides in_features into <= max_slices."""
+    for width in range(group, in_features + 1, group):
+        if in_features % width == 0 and in_features // width <= max_slices:
+            return width
+    return in_features
+
 
 class ColumnSplitLinear(nn.Module):
     """y = sum_i parts[i](x[..., i*g:(i+1)*g]); the parts are plain nn.Linear (bias-free)."""
