@@ -16,15 +16,28 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# System packages (Debian): chromium renders the HTML report in tests/test_report.py; the `pi` tests
+# need qemu-user-static binfmt-support debootstrap. A no-op once chromium is on PATH; not root (or apt
+# failing) only prints what to install, and the chromium test then skips saying why.
+SYSDEPS := chromium fonts-dejavu-core qemu-user-static binfmt-support debootstrap
+CHROMIUM ?= chromium
+.PHONY: sysdeps
+sysdeps:
+	@command -v $(CHROMIUM) >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSDEPS)) \
+	      || echo "sysdeps: apt-get failed: the chromium test will skip"; \
+	  else echo "sysdeps: not root: run sudo apt-get install -y --no-install-recommends $(SYSDEPS)"; fi; }
+
 demo: setup
 	$(BIN)/edge generate --variant 270m --prompt "$(PROMPT)" --max-new-tokens 48
 
 # CI: everything but the extra real exports marked `full` (they would push the run past 40 minutes).
-test: setup
+test: setup sysdeps
 	$(BIN)/ruff check edge tests
 	$(BIN)/pytest -m "not full" $(PYTEST_ARGS)
 
-test-full: setup
+test-full: setup sysdeps
 	$(BIN)/ruff check edge tests
 	$(BIN)/pytest $(PYTEST_ARGS)
 

@@ -186,6 +186,9 @@ def validate(
         Path | None, typer.Option("--dump-logits", help="Run the artifact here and write its logits for the host.")
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Runtime threads for the lowered stage.")] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Also write DIR/report.json and a self-contained DIR/report.html.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare every stage's logits with the fp32 reference; name the stage that lost accuracy.
@@ -195,11 +198,17 @@ def validate(
     from edge.validate.run import validate as run_validate
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    if report:
+        from edge.validate.report import prepare_dir, write_report
+
+        prepare_dir(report)  # an unwritable folder is exit 2 before minutes of validation, not after
     result = run_validate(bundle, chosen, device_logits, dump_logits, threads, say=say)
     if as_json:
         _print_json(result)
     else:
         _print_validation(result)
+    if report:
+        say(f"report written to {write_report(result, report)}")
     raise typer.Exit(1 if result["verdict"]["passed"] is False else 0)
 
 

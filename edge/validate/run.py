@@ -252,6 +252,7 @@ def validate(
         "variant": manifest["variant"],
         "scheme": what["scheme"],
         "backend": manifest["backend"],
+        "window": window,
         "kld_note": "KLD over the reference's top-128 plus one tail bucket: a lower bound of the full KLD",
         "probes": probes(manifest, prompts)
         | ({"final_softcap": all(r["softcap"]["ok"] for r in results.values())} if cap else {}),
