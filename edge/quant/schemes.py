@@ -63,6 +63,8 @@ class Scheme:
     smooth: bool = False
     # Lowering alone (artifact vs the eager model of the same scheme) must add less than this.
     lowering_max_kld: float = 1e-3
+    # ... and keep at least this top-1 agreement with it.
+    lowering_min_top1: float = 0.995
     # (name suffix, quant) pairs that override `linear` for the linears whose name ends so.
     overrides: tuple[tuple[str, WeightQuant], ...] = ()
 
