@@ -141,7 +141,19 @@ def _tool_versions() -> dict:
     import importlib.metadata as md
 
     out = {}
-    for dist in ("gemma-edge", "torch", "executorch", "torchao", "transformers", "coremltools"):
+    for dist in (
+        "gemma-edge",
+        "torch",
+        "executorch",
+        "torchao",
+        "transformers",
+        "coremltools",
+        "litert-torch",
+        "ai-edge-litert",
+        "onnx",
+        "onnxscript",
+        "onnxruntime",
+    ):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -159,11 +171,23 @@ def open_runner(manifest: dict, threads: int | None = None):
             f"a {manifest['backend']} artifact cannot run on this host",
             hint="run it on its device; here, export --backend xnnpack to run and validate on the CPU",
         )
-    backend.require()
+    if not backend.runnable():
+        raise EdgeError(
+            f"running a {backend.name} artifact needs the Python package {backend.runtime or backend.package!r}",
+            hint="pip install 'gemma-edge[device]'" if backend.runtime else backend.install,
+        )
     if backend.family == "executorch":
         from edge.runtime.pte import PteRunner
 
         return PteRunner(Path(manifest["path"]) / manifest["artifact"], threads=threads)
+    if backend.family == "litert":
+        from edge.runtime.tflite import TfliteRunner
+
+        return TfliteRunner(Path(manifest["path"]) / manifest["artifact"], threads=threads)
+    if backend.family == "onnx":
+        from edge.runtime.onnx import OnnxRunner
+
+        return OnnxRunner(Path(manifest["path"]) / manifest["artifact"], threads=threads)
     raise EdgeError(f"no runner for backend family {backend.family}", hint="update gemma-edge")
 
 

@@ -103,3 +103,19 @@ def tiny_variant():
 def tiny_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "tiny-int8"
     return api.export("tiny-test", "linux", "xnnpack", "int8", random_weights=True, max_seq_len=64, out=out)
+
+
+@pytest.fixture(scope="session")
+def device_bundles(tmp_path_factory):
+    """Tiny fp32 bundles for the Raspberry Pi target, by backend (litert, onnx): the torch-free device path."""
+    root = tmp_path_factory.mktemp("device-bundles")
+
+    class Bundles(dict):
+        def __missing__(self, backend):
+            out = root / backend
+            self[backend] = api.export(
+                "tiny-test", "rpi", backend, "fp32", random_weights=True, max_seq_len=64, out=out
+            )
+            return self[backend]
+
+    return Bundles()

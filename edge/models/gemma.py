@@ -91,9 +91,18 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(
-        self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x (B, T, dim); pos (T,); cos, sin (T, D); mask (T, S) additive. Returns (B, T, dim)."""
+        """x (B, T, dim); pos (T,); cos, sin (T, D); mask (T, S) additive. Returns (B, T, dim).
+
+        `cache` replaces the layer's own cache for this call (anything with KVCache.update's
+        contract): how a functional export passes the cache in and out (edge/targets/litert.py)."""
         B, T, _ = x.shape
         G = self.n_heads // self.n_kv
         q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, Hq, T, D)
@@ -102,8 +111,9 @@ class Attention(nn.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        assert self.cache is not None, "call Gemma.setup_cache() first"
-        k_all, v_all = self.cache.update(pos, k, v)  # (B, Hkv, S, D)
+        cache = cache if cache is not None else self.cache
+        assert cache is not None, "call Gemma.setup_cache() first"
+        k_all, v_all = cache.update(pos, k, v)  # (B, Hkv, S, D)
 
         # Fold: query heads j*G .. j*G+G-1 share KV head j (transformers' repeat_kv order), so
         # (B, Hq, T, D) -> (B, Hkv, G*T, D) attends to k_all with no K/V expansion.
@@ -145,9 +155,15 @@ class Block(nn.Module):
             self.post_mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), pos, cos, sin, mask)
+        h = self.attn(self.attn_norm(x), pos, cos, sin, mask, cache)
         if self.post_norms:
             h = self.post_attn_norm(h)
         x = x + h
@@ -204,7 +220,10 @@ class Gemma(nn.Module):
         zero = torch.tensor(0.0, dtype=self.embed.weight.dtype)
         return torch.where(causal, zero, neg_inf), torch.where(local, zero, neg_inf)
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False, caches: list | None = None
+    ) -> torch.Tensor:
+        """`caches`: one per layer, used instead of the model's own (a functional export's KV in/out)."""
         T = tokens.shape[1]
         pos = input_pos[:1] + torch.arange(T, dtype=torch.int64, device=tokens.device)  # (T,)
         # Embeddings are stored unscaled; the reference multiplies by sqrt(dim) in the weights' dtype.
@@ -214,9 +233,9 @@ class Gemma(nn.Module):
             False: (self.rope_cos_global[pos], self.rope_sin_global[pos], global_mask),  # (T, D), (T, D), (T, S)
             True: (self.rope_cos_local[pos], self.rope_sin_local[pos], local_mask),
         }
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             cos, sin, mask = rope[layer.local]
-            x = layer(x, pos, cos, sin, mask)
+            x = layer(x, pos, cos, sin, mask, caches[i] if caches is not None else None)
         x = self.norm(x)
         if not all_logits:
             x = x[:, -1, :]  # (B, dim)

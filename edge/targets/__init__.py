@@ -26,9 +26,14 @@ class Backend:
     schemes: tuple[str, ...]  # schemes it lowers correctly
     static_shapes: bool = False  # exported with a fixed [1, 1] token input (prefill token by token)
     note: str = ""
+    runtime: str | None = None  # import name that runs the artifact, when not `package` (a device has no converter)
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
+
+    def runnable(self) -> bool:
+        """Can this host execute the artifact: the backend runs here and its runtime is installed."""
+        return self.runs_here and importlib.util.find_spec(self.runtime or self.package) is not None
 
     def require(self) -> None:
         if not self.available():
@@ -39,6 +44,7 @@ class Backend:
 
 
 _ET = "pip install 'gemma-edge[executorch]'"
+_LITERT = "pip install 'gemma-edge[litert]'"
 _XNNPACK = ("fp32", "int8", "int4", "int4-g128", "rtn-int8", "rtn-int4")
 
 BACKENDS: dict[str, Backend] = {
@@ -68,6 +74,30 @@ BACKENDS: dict[str, Backend] = {
             ("fp32",),
             static_shapes=True,
             note="Android GPUs; the Python runtime here has no Vulkan backend",
+        ),
+        Backend(
+            "litert",
+            "litert",
+            "litert",
+            "model.tflite",
+            "litert_torch",
+            _LITERT,
+            True,
+            ("fp32",),
+            note="prefill_<N> / decode signatures, KV cache in and out; runs with numpy + ai-edge-litert",
+            runtime="ai_edge_litert",
+        ),
+        Backend(
+            "onnx",
+            "onnx",
+            "onnx",
+            "model.onnx",
+            "onnxscript",
+            "pip install 'gemma-edge[onnx]'",
+            True,
+            ("fp32", "int8-wo", "int4-wo"),
+            note="one graph for prefill and decode, KV cache in and out; runs with numpy + onnxruntime",
+            runtime="onnxruntime",
         ),
     )
 }

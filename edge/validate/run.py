@@ -190,7 +190,7 @@ def validate(
     prompts = golden.load(path / manifest["golden"]["file"])
     window = manifest["arch"].get("sliding_window")
     backend = BACKENDS.get(manifest["backend"])
-    runs_here = bool(backend and backend.runs_here and backend.available())
+    runs_here = bool(backend and backend.runnable())
     if stages is None:
         stages = [*(HOST_STAGES if has_torch() else ()), *(("lowered",) if runs_here else ())]
         stages += ["device"] if device_logits else []

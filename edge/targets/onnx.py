@@ -1,0 +1,82 @@
+"""ONNX (.onnx) through torch.onnx.export (dynamo), run by onnxruntime: one graph for prefill and decode.
+
+Inputs `tokens` int64 [1, T] (T dynamic), `input_pos` int64 [T] (consecutive positions) and
+`past_k_<i>` / `past_v_<i>` float32 [1, n_kv_heads, max_seq_len, head_dim]; outputs `logits`
+float32 [1, V] of the last position and `present_k_<i>` / `present_v_<i>`, the cache written at
+input_pos (ScatterND). The attention mask is computed inside from the positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edge.targets.executorch import Lowered
+from edge.targets.functional import functional_step, index_copy_write
+
+
+def metadata(cfg, max_seq_len: int, bos_id: int, eos_ids: list[int], vocab: int, dynamic: bool) -> dict:
+    return {
+        "max_seq_len": max_seq_len,
+        "vocab_size": vocab,
+        "bos_id": bos_id,
+        "eos_ids": list(eos_ids),
+        "n_layers": cfg.n_layers,
+        "kv_shape": [1, cfg.n_kv_heads, max_seq_len, cfg.head_dim],
+    }
+
+
+class Graph(nn.Module):
+    def __init__(self, model: nn.Module, vocab: int) -> None:
+        super().__init__()
+        self.model, self.vocab = model, vocab
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *kv: torch.Tensor) -> tuple:
+        logits, kv = functional_step(self.model, self.vocab, tokens, input_pos, list(kv), index_copy_write)
+        return (logits, *kv)
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{kind}_{i}" for i in range(n_layers) for kind in ("k", "v")]
+    return ["tokens", "input_pos", *(f"past_{n}" for n in kv)], ["logits", *(f"present_{n}" for n in kv)]
+
+
+def convert(model: nn.Module, max_seq_len: int, vocab: int) -> tuple[bytes, list[dict]]:
+    """The .onnx bytes, and where each of the scheme's integer weights went (edge/targets/onnx_quant.py)."""
+    from torch.export import Dim
+
+    from edge.targets.onnx_quant import dequantized, rewrite
+
+    cfg = model.cfg
+    kv = [torch.zeros(1, cfg.n_kv_heads, max_seq_len, cfg.head_dim) for _ in range(2 * cfg.n_layers)]
+    args = (torch.tensor([[2, 3, 4]]), torch.arange(3), *kv)
+    seq = Dim("seq", min=1, max=max_seq_len - 1)
+    shapes = ({1: seq}, {0: seq}, tuple(None for _ in kv))  # *kv is one varargs parameter
+    inputs, outputs = io_names(cfg.n_layers)
+    with dequantized(model) as found:
+        # torch.export first: torch.onnx.export's own call rewrote the varargs' dynamic shapes into a
+        # list that torch.export then refused ("inputs[2] is a tuple, but dynamic_shapes[2] is a list").
+        ep = torch.export.export(Graph(model, vocab).eval(), args, dynamic_shapes=shapes, strict=True)
+        program = torch.onnx.export(ep, dynamo=True, input_names=inputs, output_names=outputs, optimize=True)
+        del ep
+        proto = program.model_proto
+        del program
+    coverage = rewrite(proto, found) if found else []
+    if proto.ByteSize() >= 2**31:  # protobuf's limit: larger graphs need external data files
+        raise NotImplementedError("an .onnx over 2 GB (external data) is not supported by the bundle yet")
+    return proto.SerializeToString(), coverage
+
+
+def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages) -> Lowered:
+    with stages.run("convert", "torch.onnx.export (dynamo), KV cache in and out"), torch.no_grad():
+        program, coverage = convert(model, max_seq_len, meta["vocab_size"])
+    inputs, outputs = io_names(meta["n_layers"])
+    kv = {"dtype": "float32", "shape": meta["kv_shape"]}
+    io = {
+        "inputs": {"tokens": "int64 [1, T], T dynamic", "input_pos": "int64 [T], consecutive", "past_{k,v}_<i>": kv},
+        "outputs": {"logits": [1, meta["vocab_size"]], "present_{k,v}_<i>": kv},
+        "input_names": inputs,
+        "output_names": outputs,
+        "meta": meta,
+    }
+    return Lowered(program, io, {"runtime": "onnxruntime CPUExecutionProvider", "integer_weights": coverage})
