@@ -11,19 +11,19 @@ PYTEST_ARGS ?=
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,executorch]'
+	$(BIN)/pip install --quiet -e '.[dev,executorch,litert,onnx]'
 	touch $@
 
 setup: $(BIN)/.installed
 
 # System packages (Debian): chromium renders the HTML report in tests/test_report.py; the `pi` tests
-# need qemu-user-static binfmt-support debootstrap. A no-op once chromium is on PATH; not root (or apt
-# failing) only prints what to install, and the chromium test then skips saying why.
+# need qemu-user-static binfmt-support debootstrap. A no-op once all three tools are on PATH; not root
+# (or apt failing) only prints what to install, and the tests that need them then say why.
 SYSDEPS := chromium fonts-dejavu-core qemu-user-static binfmt-support debootstrap
 CHROMIUM ?= chromium
 .PHONY: sysdeps
 sysdeps:
-	@command -v $(CHROMIUM) >/dev/null || { \
+	@{ command -v $(CHROMIUM) && command -v qemu-aarch64-static && command -v debootstrap; } >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSDEPS)) \
 	      || echo "sysdeps: apt-get failed: the chromium test will skip"; \
