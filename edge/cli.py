@@ -245,6 +245,7 @@ def _quiet_libraries() -> None:
     import warnings
 
     logging.getLogger("torchao").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" x 10
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
 

@@ -57,7 +57,9 @@ def convert(model: nn.Module, max_seq_len: int, vocab: int) -> tuple[bytes, list
         # torch.export first: torch.onnx.export's own call rewrote the varargs' dynamic shapes into a
         # list that torch.export then refused ("inputs[2] is a tuple, but dynamic_shapes[2] is a list").
         ep = torch.export.export(Graph(model, vocab).eval(), args, dynamic_shapes=shapes, strict=True)
-        program = torch.onnx.export(ep, dynamo=True, input_names=inputs, output_names=outputs, optimize=True)
+        program = torch.onnx.export(
+            ep, dynamo=True, input_names=inputs, output_names=outputs, optimize=True, verbose=False
+        )
         del ep
         proto = program.model_proto
         del program
