@@ -144,3 +144,33 @@ def test_onnx_carries_the_schemes_integer_weights_exactly(tmp_path, scheme):
         a, b = runner.decode(tok), eager.decode(tok)
         worst = max(worst, np.abs(a - b).max())
     assert worst < 1e-3, worst
+
+
+@pytest.mark.parametrize("scheme", [s for s in BACKENDS["litert"].schemes if s != "fp32"])
+def test_tflite_carries_the_schemes_integer_weights(tmp_path, scheme):
+    """int4 blockwise FULLY_CONNECTED / EMBEDDING_LOOKUP with our integers: the .tflite vs the eager quantized model."""
+    from conftest import random_calibration
+    from edge.quant.apply import quantize_model
+    from edge.quant.schemes import SCHEMES
+    from edge.runtime import replay
+    from edge.validate.metrics import full_kld
+
+    wide = dict(dim=128, hidden_dim=256, head_dim=32, query_pre_attn_scalar=32)  # every width a multiple of 128
+    model = tiny_model(n_kv_heads=2, seed=7, **wide)
+    quantize_model(model, SCHEMES[scheme], random_calibration(model.cfg.vocab_size))
+    meta = litert.metadata(model.cfg, MAX_SEQ, 2, [1], model.cfg.vocab_size, True)
+    low = litert.export(model, MAX_SEQ, BACKENDS["litert"], meta, Stages())
+    path = tmp_path / "q.tflite"
+    path.write_bytes(low.program)
+    quantized = {n for n, m in model.named_modules() if hasattr(getattr(m, "weight", None), "qdata")}
+    assert {r["name"] for r in low.delegation["integer_weights"]} == quantized
+    ids = [int(i) for i in torch.randint(0, model.cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3))]
+    want, got = replay(EagerRunner(model), ids), replay(TfliteRunner(path), ids)
+    kld = full_kld(want, got)
+    assert kld.mean() < SCHEMES[scheme].lowering_max_kld, kld.mean()
+    top2 = np.sort(want, axis=-1)[:, -2:]  # where the eager model has a real preference, the .tflite shares it
+    decided = (top2[:, 1] - top2[:, 0]) > 0.05
+    assert decided.sum() >= len(ids) // 2
+    assert (want.argmax(-1)[decided] == got.argmax(-1)[decided]).mean() >= SCHEMES[scheme].lowering_min_top1
+    fp32 = sum(p.numel() * 4 for p in tiny_model(2, **wide).parameters())
+    assert len(low.program) < 0.3 * fp32 + 400_000  # 4.5 bits a weight; the graph itself is ~400 KB here

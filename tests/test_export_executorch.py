@@ -32,8 +32,8 @@ def lower(model, tmp_path, name="m.pte"):
     return path, low
 
 
-def tiny_model(n_kv_heads=1, seed=0, family=Family.GEMMA3):
-    cfg = tiny_config(family, n_kv_heads=n_kv_heads)
+def tiny_model(n_kv_heads=1, seed=0, family=Family.GEMMA3, **overrides):
+    cfg = tiny_config(family, n_kv_heads=n_kv_heads, **overrides)
     m = Gemma(cfg, max_seq_len=MAX_SEQ).eval()
     tensors = random_tensors(cfg, seed)
     tensors["embed.weight"] *= 25  # a peaked output distribution, as a trained model has: few near-ties

@@ -162,8 +162,10 @@ def _bf16_group_scales(model: nn.Module) -> None:
     differ: measured on the 270M's layers.0.attn.wq, relative output error 1.2e-3 (vs 2e-7 for
     the per-channel int8 linears, whose scales stay fp32). Rounded here, the eager model IS the
     artifact; bf16 values are exact in fp32 and fp16, so other backends lose nothing more.
+    Grouped embedding tables too: ai-edge-quantizer stores every blockwise scale as fp16(bf16(s))
+    (ai_edge_quantizer/transformations/quantize_tensor.py), so the .tflite's table is the eager one.
     """
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        if isinstance(mod, nn.Linear) and hasattr(w, "scale") and w.block_size[-1] < mod.in_features:
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and hasattr(w, "scale") and w.block_size[-1] < w.shape[-1]:
             w.scale.copy_(w.scale.to(torch.bfloat16).float())

@@ -83,7 +83,7 @@ BACKENDS: dict[str, Backend] = {
             "litert_torch",
             _LITERT,
             True,
-            ("fp32",),
+            ("fp32", "int4", "int4-g128"),
             note="prefill_<N> / decode signatures, KV cache in and out; runs with numpy + ai-edge-litert",
             runtime="ai_edge_litert",
         ),

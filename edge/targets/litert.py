@@ -86,9 +86,27 @@ def convert(model: nn.Module, max_seq_len: int, vocab: int, prefill: tuple[int, 
 
 
 def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages) -> Lowered:
+    from edge.targets import litert_quant
+    from edge.targets.onnx_quant import dequantized
+
     prefill = tuple(n for n in PREFILL_LENGTHS if n < max_seq_len)
-    with stages.run("convert", f"litert-torch: decode + prefill {', '.join(map(str, prefill))}"), torch.no_grad():
+    with (
+        stages.run("convert", f"litert-torch: decode + prefill {', '.join(map(str, prefill))}"),
+        torch.no_grad(),
+        dequantized(model, dynamic_ok=True) as found,
+    ):
         program = convert(model, max_seq_len, meta["vocab_size"], prefill)
+    weights = list({id(iw): iw for iw, _ in found.values()}.values())
+    coverage = []
+    if weights:
+        linears = [w for w in weights if w.kind == "linear"]
+        tables = [w for w in weights if w.kind == "embedding"]
+        dynamic = {w.dynamic for w in linears}
+        if len(dynamic) > 1:
+            raise NotImplementedError("linears with and without dynamic activations in one scheme: not in LiteRT yet")
+        with stages.run("quantize", "ai-edge-quantizer writes the scheme's integers and scales, unchanged"):
+            program = litert_quant.quantize(program, linears, tables, dynamic.pop() if dynamic else False)
+        coverage = [{"name": w.name, "bits": w.bits, "group": w.group, "dynamic_int8_act": w.dynamic} for w in weights]
     kv = {"dtype": "float32", "shape": meta["kv_shape"]}
     io = {
         "signatures": {
@@ -101,4 +119,4 @@ def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages) -> L
         "vs_stock_litert_lm": "prefill also returns logits; no mask input (computed from input_pos); V not "
         "transposed: LiteRT-LM's stock Gemma 3 pipeline cannot drive this file",
     }
-    return Lowered(program, io, {"runtime": "LiteRT CPU (XNNPACK delegate by default)"})
+    return Lowered(program, io, {"runtime": "LiteRT CPU (XNNPACK delegate by default)", "integer_weights": coverage})

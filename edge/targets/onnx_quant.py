@@ -36,6 +36,8 @@ class IntWeight:
     scale: np.ndarray  # (rows, cols // group) float32
     group: int
     bits: int
+    kind: str = "linear"  # or "embedding"
+    dynamic: bool = False  # activations quantized to int8 at run time (8da)
 
 
 def _key(a: np.ndarray) -> str:
@@ -51,24 +53,27 @@ def _pow2_block(cols: int, group: int) -> int:
 
 
 @contextmanager
-def dequantized(model: nn.Module):
-    """The model with float weights equal to its quantized ones; yields {hash: IntWeight}, restores after.
+def dequantized(model: nn.Module, dynamic_ok: bool = False):
+    """The model with float weights equal to its quantized ones; yields {hash: (IntWeight, transposed)}.
 
-    Only weight-only tensors qualify: a weight with dynamic activation quantization computes
-    differently from its dequantized float, and is refused."""
+    The quantized weights are restored afterwards. A weight with dynamic activation quantization
+    computes differently from its dequantized float: refused unless `dynamic_ok` (the caller then
+    re-creates the activation quantization, as LiteRT's dynamic-range ops do)."""
     found, kept = {}, []
     for name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
         if w is None or not hasattr(w, "qdata"):
             continue
-        if getattr(w, "activation_quantization", None) is not None:
+        dynamic = getattr(w, "activation_quantization", None) is not None
+        if dynamic and not dynamic_ok:
             raise NotImplementedError(f"{name}: dynamic activation quantization has no exact ONNX form here")
         if torch.count_nonzero(w.zero_point):
             raise NotImplementedError(f"{name}: asymmetric weights (non-zero zero points)")
         bits = {torch.int4: 4, torch.int8: 8}[w.target_dtype]
         group = int(w.block_size[-1])
         deq = w.dequantize().float()
-        iw = IntWeight(name, w.qdata.numpy().astype(np.int8), w.scale.float().numpy(), group, bits)
+        kind = "embedding" if isinstance(mod, nn.Embedding) else "linear"
+        iw = IntWeight(name, w.qdata.numpy().astype(np.int8), w.scale.float().numpy(), group, bits, kind, dynamic)
         array = deq.numpy()
         found[_key(array)] = (iw, False)
         found[_key(array.T)] = (iw, True)
