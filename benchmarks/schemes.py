@@ -1,0 +1,107 @@
+"""Every scheme of a backend on the 270M: size, export time, peak RSS, accuracy, decode speed.
+
+    .venv/bin/python benchmarks/schemes.py --backend xnnpack --quant fp32,int8,int4,int4-g128 --out /tmp/bench
+
+For each scheme: `edge export` (wall time, and peak RSS from the manifest), `edge validate --stages
+quantized,lowered` (mean KLD and top-1 vs fp32, and lowered vs the eager quantized model), then
+decode speed through the artifact's runner on N threads: a 32-token prompt, 64 greedy decode steps,
+`--repeats` alternated rounds over all bundles (medians), so that load on this shared machine hits
+every scheme alike. Writes results.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EDGE = [sys.executable, "-m", "edge"]
+
+
+def export(backend: str, target: str, quant: str, out: Path) -> dict:
+    t = time.perf_counter()
+    cmd = [*EDGE, "export", "--variant", "270m", "--target", target, "--backend", backend, "--quant", quant]
+    subprocess.run([*cmd, "--out", str(out), "--force"], check=True)
+    wall = time.perf_counter() - t
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {
+        "export_s": round(wall, 1),
+        "peak_rss_gb": round(manifest["peak_rss_mb"] / 1024, 2),
+        "artifact_mb": round(manifest["files"][manifest["artifact"]]["bytes"] / 1e6, 1),
+        "stages_s": {s["name"]: s["seconds"] for s in manifest["stages"]},
+    }
+
+
+def validate(out: Path, quantized: bool) -> dict:
+    stages = "quantized,lowered" if quantized else "lowered"
+    r = subprocess.run([*EDGE, "validate", str(out), "--stages", stages, "--json"], capture_output=True, text=True)
+    if r.returncode not in (0, 1):
+        raise RuntimeError(r.stderr)
+    res = json.loads(r.stdout)
+    low = res["stages"]["lowered"]["overall"]
+    row = {"mean_kld": low["mean_kld"], "top1": low["top1"], "verdict": res["verdict"]["passed"]}
+    if quantized:
+        q = res["stages"]["quantized"]["overall"]
+        row |= {"eager_mean_kld": q["mean_kld"], "eager_top1": q["top1"]}
+    return row
+
+
+def decode_speed(out: Path, threads: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one round: 32-token prompt, 64 greedy steps."""
+    code = f"""
+import json, time
+from edge import api, bundle
+m = bundle.load({str(out)!r}); r = api.open_runner(m, threads={threads})
+ids = [2] + list(range(1000, 1031))
+r.reset(); r.prefill(ids[:8]); r.reset()  # warm-up (first calls allocate)
+t = time.perf_counter(); logits = r.prefill(ids); p = time.perf_counter() - t
+t = time.perf_counter()
+for _ in range(64):
+    logits = r.decode(int(logits.argmax()))
+d = time.perf_counter() - t
+print(json.dumps([len(ids) / p, 64 / d]))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return tuple(json.loads(r.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="xnnpack")
+    ap.add_argument("--target", default="linux")
+    ap.add_argument("--quant", default="fp32,int8,int4,int4-g128")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/gemma-edge-bench"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-export", action="store_true", help="reuse bundles already in --out")
+    args = ap.parse_args()
+    schemes = args.quant.split(",")
+    rows = {}
+    for q in schemes:
+        out = args.out / f"{args.backend}-{q}"
+        rows[q] = {} if args.skip_export else export(args.backend, args.target, q, out)
+        rows[q] |= validate(out, q != "fp32")
+        print(q, rows[q], file=sys.stderr)
+    speeds = {q: [] for q in schemes}
+    for _ in range(args.repeats):  # alternate: every scheme once per round
+        for q in schemes:
+            speeds[q].append(decode_speed(args.out / f"{args.backend}-{q}", args.threads))
+    for q in schemes:
+        rows[q]["prefill_tok_s"] = round(statistics.median(s[0] for s in speeds[q]), 1)
+        rows[q]["decode_tok_s"] = round(statistics.median(s[1] for s in speeds[q]), 1)
+    (args.out / f"results-{args.backend}.json").write_text(json.dumps(rows, indent=1))
+    print(f"| {args.backend} scheme | size MB | export s | peak RSS GB | mean KLD | top-1 | eager KLD / top-1 |"
+          f" prefill tok/s | decode tok/s ({args.threads} threads) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for q, r in rows.items():
+        eager = f"{r['eager_mean_kld']:.4f} / {r['eager_top1']:.1%}" if "eager_mean_kld" in r else "-"
+        print(f"| {q} | {r.get('artifact_mb', '-')} | {r.get('export_s', '-')} | {r.get('peak_rss_gb', '-')} |"
+              f" {r['mean_kld']:.4f} | {r['top1']:.1%} | {eager} | {r['prefill_tok_s']} | {r['decode_tok_s']} |")
+
+
+if __name__ == "__main__":
+    main()
