@@ -87,7 +87,7 @@ def test_out_under_a_file_is_refused(tmp_path):
     "args, needle",
     [
         (("--target", "ios", "--backend", "vulkan"), "does not fit target ios"),
-        (("--target", "android", "--backend", "litert"), "not built yet"),
+        (("--target", "android", "--backend", "litert-gpu"), "not built yet"),
         (("--target", "tv"), "unknown target"),
         (("--quant", "int3"), "unknown quantization scheme"),
         (("--backend", "coreml", "--target", "ios", "--quant", "int4"), "cannot lower scheme"),
