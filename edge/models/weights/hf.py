@@ -141,6 +141,10 @@ def config_from_hf(d: dict) -> GemmaConfig:
     )
 
 
+def _int_if_integral(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
 def config_to_hf(cfg: GemmaConfig) -> dict:
     """transformers config kwargs for the same architecture (the reference stage and tests use it)."""
     common = dict(
@@ -164,7 +168,9 @@ def config_to_hf(cfg: GemmaConfig) -> dict:
         return common | {"model_type": "gemma", "rope_theta": cfg.rope_theta}
     types = ["sliding_attention" if t else "full_attention" for t in cfg.layer_types]
     extra = {
-        "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+        # transformers types it int, and with huggingface_hub >= 2 its configs are strict dataclasses
+        # that refuse 256.0 ("expected int, got float"); the GGUF path computes it as a float.
+        "query_pre_attn_scalar": _int_if_integral(cfg.query_pre_attn_scalar),
         "sliding_window": cfg.sliding_window,
         "layer_types": types,
         "attn_logit_softcapping": cfg.attn_softcap,
