@@ -63,7 +63,7 @@ def test_lowering_adds_no_error_on_the_real_model(exported, backend):
     print(f"{backend}: lowered vs eager KLD {kld:.2e} top-1 {top1:.4f} (eager vs itself {floor:.2e}, {top1_floor:.4f})")
     s = SCHEMES[CASES[backend]]
     assert kld < max(s.lowering_max_kld, 2 * floor), (kld, floor)
-    assert 1 - top1 <= max(1 - s.lowering_min_top1, 2 * (1 - top1_floor)), (top1, top1_floor)
+    assert 1 - top1 <= max(1 - s.lowering_min_top1, 3 * (1 - top1_floor)), (top1, top1_floor)
 
 
 @pytest.mark.parametrize("backend", CASES)
