@@ -15,6 +15,18 @@ import torch
 Write = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (cache, pos, new) -> cache
 
 
+def metadata(cfg, max_seq_len: int, bos_id: int, eos_ids: list[int], vocab: int, dynamic: bool) -> dict:
+    """What a functional program's runner needs, stored in the manifest (no constant methods there)."""
+    return {
+        "max_seq_len": max_seq_len,
+        "vocab_size": vocab,
+        "bos_id": bos_id,
+        "eos_ids": list(eos_ids),
+        "n_layers": cfg.n_layers,
+        "kv_shape": [1, cfg.n_kv_heads, max_seq_len, cfg.head_dim],
+    }
+
+
 def index_copy_write(cache: torch.Tensor, pos: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return cache.index_copy(2, pos, new)
 

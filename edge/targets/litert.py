@@ -22,21 +22,9 @@ import torch
 from torch import nn
 
 from edge.targets.executorch import Lowered
-from edge.targets.functional import functional_step
+from edge.targets.functional import functional_step, metadata  # noqa: F401  (the backend interface)
 
 PREFILL_LENGTHS = (8, 32, 128)
-
-
-def metadata(cfg, max_seq_len: int, bos_id: int, eos_ids: list[int], vocab: int, dynamic: bool) -> dict:
-    """What the runner needs to know, stored in the manifest (a .tflite has no constant methods)."""
-    return {
-        "max_seq_len": max_seq_len,
-        "vocab_size": vocab,
-        "bos_id": bos_id,
-        "eos_ids": list(eos_ids),
-        "n_layers": cfg.n_layers,
-        "kv_shape": [1, cfg.n_kv_heads, max_seq_len, cfg.head_dim],
-    }
 
 
 def dus_write(cache: torch.Tensor, pos: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

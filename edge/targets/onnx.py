@@ -12,18 +12,7 @@ import torch
 from torch import nn
 
 from edge.targets.executorch import Lowered
-from edge.targets.functional import functional_step, index_copy_write
-
-
-def metadata(cfg, max_seq_len: int, bos_id: int, eos_ids: list[int], vocab: int, dynamic: bool) -> dict:
-    return {
-        "max_seq_len": max_seq_len,
-        "vocab_size": vocab,
-        "bos_id": bos_id,
-        "eos_ids": list(eos_ids),
-        "n_layers": cfg.n_layers,
-        "kv_shape": [1, cfg.n_kv_heads, max_seq_len, cfg.head_dim],
-    }
+from edge.targets.functional import functional_step, index_copy_write, metadata  # noqa: F401  (backend interface)
 
 
 class Graph(nn.Module):
