@@ -106,10 +106,20 @@ def export(
     variant: VariantOpt = "gemma3-270m",
     target: Annotated[str, typer.Option("--target", "-t", help="android | ios | rpi | linux")] = "android",
     backend: Annotated[
-        str | None, typer.Option("--backend", "-b", help="xnnpack | coreml | vulkan (default: the target's)")
+        str | None,
+        typer.Option(
+            "--backend",
+            "-b",
+            help="xnnpack | coreml | vulkan | litert | onnx (default: the target's)",
+        ),
     ] = None,
     quant: Annotated[
-        str | None, typer.Option("--quant", "-q", help="fp32 | int8 | int4 | int4-g128 | rtn-int8 | rtn-int4")
+        str | None,
+        typer.Option(
+            "--quant",
+            "-q",
+            help="fp32 | int8 | int4 | int4-g128 | int8-wo | int4-wo | rtn-int8 | rtn-int4 (per backend: README)",
+        ),
     ] = None,
     weights: WeightsOpt = None,
     random_weights: RandomOpt = False,
