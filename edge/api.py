@@ -179,7 +179,9 @@ def open_runner(manifest: dict, threads: int | None = None):
     if backend.family == "executorch":
         from edge.runtime.pte import PteRunner
 
-        return PteRunner(Path(manifest["path"]) / manifest["artifact"], threads=threads)
+        data = manifest["io"].get("weights_file", {}).get("file")
+        root = Path(manifest["path"])
+        return PteRunner(root / manifest["artifact"], threads=threads, data_path=root / data if data else None)
     if backend.family == "litert":
         from edge.runtime.tflite import TfliteRunner
 
@@ -292,15 +294,18 @@ def export(
         with stages.run("golden", "fp32 reference logits on the golden prompts"):
             golden_mod.save(tmp / "golden.npz", golden_mod.capture(model, loaded.tokenizer, max_seq_len))
         with stages.run("quantize", scheme.description):
-            calib = calibration(loaded.tokenizer, v.config.vocab_size) if scheme.smooth else None
+            calib = calibration(loaded.tokenizer, v.config.vocab_size) if scheme.calibrated else None
             coverage = quantize_model(model, scheme, calib, progress=counter("SmoothQuant sites"))
         impl = plan.backend.impl()
         tok = loaded.tokenizer
         vocab = max(tok.vocab_size, v.config.vocab_size)
         meta = impl.metadata(v.config, max_seq_len, tok.bos_id, tok.stop_ids, vocab, not plan.backend.static_shapes)
-        lowered = impl.export(model, max_seq_len, plan.backend, meta, stages)
+        extra = {"external_weights": True} if scheme.shared_table else {}  # executorch only (scheme lists)
+        lowered = impl.export(model, max_seq_len, plan.backend, meta, stages, **extra)
         del model
         (tmp / plan.backend.artifact).write_bytes(lowered.program)
+        for name, data in lowered.files.items():
+            (tmp / name).write_bytes(data)
         tok.save(tmp / "tokenizer.model")
         manifest = {
             "variant": v.name,

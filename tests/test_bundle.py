@@ -18,7 +18,9 @@ from edge.validate import golden
 
 def test_bundle_has_the_contract_files(tiny_bundle):
     m = bundle_mod.load(tiny_bundle["path"])
-    assert set(m["files"]) == {"model.pte", "tokenizer.model", "golden.npz"}
+    # int8 shares one table between the lookup and the head: the weights live in model.ptd
+    assert set(m["files"]) == {"model.pte", "model.ptd", "tokenizer.model", "golden.npz"}
+    assert m["io"]["weights_file"]["file"] == "model.ptd"
     assert m["backend"] == "xnnpack" and m["quant"]["scheme"]["name"] == "int8" and m["max_seq_len"] == 64
     assert m["special_ids"]["bos"] == 2 and 1 in m["special_ids"]["stop"] and 106 in m["special_ids"]["stop"]
     assert [s["name"] for s in m["stages"]] == ["load", "golden", "quantize", "export", "lower", "serialize"]
@@ -124,3 +126,14 @@ def test_killed_export_leaves_no_bundle(tmp_path):
 def test_manifest_is_json_and_lists_sizes(tiny_bundle):
     m = json.loads(open(tiny_bundle["path"] + "/manifest.json").read())
     assert all(f["bytes"] > 0 and len(f["sha256"]) == 64 for f in m["files"].values())
+
+
+def test_a_shared_table_is_stored_once(tiny_bundle):
+    """int8: the lookup reads the head's int8 slices; model.ptd holds each distinct tensor once, so the
+    262144 x 64 table (16.8 MB of int8) is in the bundle once, not twice as a separate lookup would be."""
+    m = bundle_mod.load(tiny_bundle["path"])
+    table = 262_144 * 64
+    weights = m["files"]["model.ptd"]["bytes"] + m["files"]["model.pte"]["bytes"]
+    assert table < weights < 1.5 * table, weights
+    shared = [r["name"] for r in m["quant"]["coverage"] if r.get("shared_with")]
+    assert shared == ["embed", "lm_head"]

@@ -32,7 +32,7 @@ def exported(tmp_path_factory):
             q = CASES[backend]
             manifest = api.export("270m", "rpi", backend, q, out=root / backend)
             model = loaded.build(1024)
-            calib = calibration(loaded.tokenizer, model.cfg.vocab_size) if SCHEMES[q].smooth else None
+            calib = calibration(loaded.tokenizer, model.cfg.vocab_size) if SCHEMES[q].calibrated else None
             quantize_model(model, SCHEMES[q], calib)  # as `edge export` does
             self[backend] = (manifest, model)
             return self[backend]

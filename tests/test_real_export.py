@@ -11,7 +11,6 @@ from edge.models.tokenizer import Tokenizer
 from edge.models.variants import get_variant
 from edge.quant.apply import calibration, quantize_model
 from edge.quant.schemes import SCHEMES
-from edge.runtime.pte import PteRunner
 from edge.validate import golden
 from edge.validate.metrics import full_kld
 from edge.validate.stages import evaluate, runner_logits
@@ -59,7 +58,7 @@ def lowered_vs_golden(bundles):
         def __missing__(self, q):
             path = bundles[q]["path"]
             prompts = golden.load(bundle_mod.load(path)["path"] + "/golden.npz")
-            self[q] = evaluate(prompts, runner_logits(PteRunner(path + "/model.pte")), window=512)
+            self[q] = evaluate(prompts, runner_logits(api.open_runner(bundle_mod.load(path))), window=512)
             print(q, "lowered vs fp32:", self[q]["overall"])
             return self[q]
 
@@ -96,7 +95,7 @@ def test_lowering_adds_no_error_on_the_real_model(q, bundles, quantized_eager):
     from edge.runtime.eager import EagerRunner
 
     prompts = golden.load(bundles[q]["path"] + "/golden.npz")
-    pte = PteRunner(bundles[q]["path"] + "/model.pte")
+    pte = api.open_runner(bundle_mod.load(bundles[q]["path"]))
     eager = EagerRunner(quantized_eager[q])
     lowered, floor, agree, self_agree, seen = [], [], [], [], {"eager": {}, "lowered": {}}
     for p in prompts[:3]:
@@ -181,7 +180,8 @@ def test_stock_executorch_runner_loads_the_bundle_unchanged(bundles, quantized_e
     b = bundles["int4"]["path"]  # the android default
     prompt = "The capital of France is"
     pieces: list[str] = []
-    runner = TextLLMRunner(b + "/model.pte", b + "/tokenizer.model")
+    data = bundles["int4"]["io"].get("weights_file")  # model.ptd, when the weights are outside the .pte
+    runner = TextLLMRunner(b + "/model.pte", b + "/tokenizer.model", b + "/" + data["file"] if data else None)
     runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=12, temperature=0.0, num_bos=1),
                     token_callback=pieces.append)  # fmt: skip
     tok = Tokenizer(b + "/tokenizer.model")

@@ -187,6 +187,9 @@ class Gemma(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Per-channel factor on the looked-up embedding: set only when one quantized table serves both
+        # the lookup and a SmoothQuant-scaled head (edge/quant/apply.py, shared tables). None: no op.
+        self.register_buffer("embed_rescale", None, persistent=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.max_seq_len = 0
@@ -228,6 +231,8 @@ class Gemma(nn.Module):
         pos = input_pos[:1] + torch.arange(T, dtype=torch.int64, device=tokens.device)  # (T,)
         # Embeddings are stored unscaled; the reference multiplies by sqrt(dim) in the weights' dtype.
         x = self.embed(tokens) * torch.tensor(math.sqrt(self.cfg.dim), dtype=self.embed.weight.dtype)  # (B, T, dim)
+        if self.embed_rescale is not None:
+            x = x * self.embed_rescale
         global_mask, local_mask = self.masks(pos)
         rope = {
             False: (self.rope_cos_global[pos], self.rope_sin_global[pos], global_mask),  # (T, D), (T, D), (T, S)

@@ -30,7 +30,8 @@ def _torchao_config(q: WeightQuant, embedding: bool):
 
     dtype = {4: torch.int4, 8: torch.int8}[q.bits]
     gran = PerGroup(q.group) if q.group else PerAxis(0)
-    algo = {Rounding.RTN: "affine", Rounding.HQQ: "hqq_scale_only"}[q.rounding]
+    # GPTQ picks its own integers (edge/quant/gptq.py) and hands torchao the scales: no algorithm.
+    algo = {Rounding.RTN: "affine", Rounding.HQQ: "hqq_scale_only", Rounding.GPTQ: None}[q.rounding]
     if embedding or q.act == Act.FLOAT:
         return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=gran, intx_choose_qparams_algorithm=algo)
     return Int8DynamicActivationIntxWeightConfig(
@@ -84,6 +85,7 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
     coverage = plan(model, scheme)
     if not scheme.quantized:
         return coverage
+    head_s = None
     from torchao.quantization import quantize_
 
     if scheme.smooth:
@@ -93,6 +95,7 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
 
         q = scheme.linear
         report = smooth(model, calib, weight_bits=q.bits, group_size=q.group, progress=progress)
+        head_s = report.get("lm_head", {}).get("s")
         rows = {r["name"]: r for r in coverage}
         for site, r in report.items():
             prefix, _, kind = site.rpartition(".")
@@ -110,15 +113,78 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
     todo = {r["name"] for r in coverage if r["scheme"] != "fp32"}
     _split_grouped_int8(model, scheme, todo, coverage)
+    if scheme.shared_table:
+        _share_table(model, head_s)
+        rows = {r["name"]: r for r in coverage}
+        rows["embed"]["shared_with"] = rows["lm_head"]["shared_with"] = "embed + lm_head: one int8 table"
     if scheme.embedding is not None:
-        is_table = lambda m, n: isinstance(m, nn.Embedding) and n in todo  # noqa: E731
+        is_table = lambda m, n: isinstance(m, nn.Embedding) and _owner(n) in todo  # noqa: E731
         quantize_(model, _torchao_config(scheme.embedding, True), filter_fn=is_table)
     linears = {scheme.quant_for(r["name"]) for r in coverage if r["name"] in todo and r["name"] != "embed"}
-    for q in linears:  # one pass per distinct WeightQuant (a module's own slices share its owner's)
+    for q in [q for q in linears if q.rounding != Rounding.GPTQ]:  # one pass per distinct WeightQuant
         uses = lambda m, n, q=q: isinstance(m, nn.Linear) and _owner(n) in todo and scheme.quant_for(_owner(n)) == q  # noqa: E731
         quantize_(model, _torchao_config(_as_realized(q), False), filter_fn=uses)
+    gptq = [n for n in todo - {"embed"} if scheme.quant_for(n).rounding == Rounding.GPTQ]
+    gptq.sort(key=[r["name"] for r in coverage].index)  # model order: layer by layer
+    if gptq:  # last: each layer is rounded on what the quantized layers before it produce
+        if not calib:
+            raise ValueError(f"scheme {scheme.name!r} rounds with GPTQ: pass calibration token ids")
+        _gptq(model, scheme, gptq, calib, coverage, progress)
     _bf16_group_scales(model)
     return coverage
+
+
+def _gptq(model: nn.Module, scheme: Scheme, names: list[str], calib, coverage: list[dict], progress) -> None:
+    from torchao.quantization.quant_api import (
+        _int8_dynamic_activation_intx_weight_transform,
+        _intx_weight_only_transform,
+    )
+
+    from edge.quant.gptq import gptq_layers
+
+    mods = dict(model.named_modules())
+    rows = {r["name"]: r for r in coverage}
+
+    def install(name: str, q: torch.Tensor, s: torch.Tensor) -> None:
+        wq = scheme.quant_for(name)
+        mod = mods[name]
+        out_f, in_f = q.shape
+        g = wq.group or in_f
+        # The exact grid values q * s: torchao re-derives q from them and our scale, bit for bit.
+        mod.weight = nn.Parameter(
+            (q.float().reshape(out_f, -1, g) * s[..., None]).reshape(out_f, in_f), requires_grad=False
+        )
+        transform = (
+            _intx_weight_only_transform if wq.act == Act.FLOAT else _int8_dynamic_activation_intx_weight_transform
+        )
+        transform(
+            mod, _torchao_config(wq, False), custom_scale=s, custom_zero_point=torch.zeros_like(s, dtype=torch.int8)
+        )
+        rows[name]["rounding"] = "gptq"
+
+    def bits_group(name: str) -> tuple[int, int | None]:
+        wq = scheme.quant_for(name)
+        return wq.bits, wq.group
+
+    gptq_layers(model, names, calib, install, bits_group, progress=progress)
+
+
+def _share_table(model: nn.Module, s: torch.Tensor | None) -> None:
+    """Make the lookup read the head's table (whole, or its column slices when the head is split).
+
+    After SmoothQuant the head is W * s (per column): the lookup then reads that same matrix and
+    multiplies the row back by 1 / s. Quantized per row, lookup and head become byte-identical
+    int8 rows and scales, which the export stores once (Scheme.shared_table).
+    """
+    from edge.quant.split import ColumnSplitEmbedding, ColumnSplitLinear
+
+    head = model.lm_head
+    if isinstance(head, ColumnSplitLinear):
+        model.embed = ColumnSplitEmbedding(head)
+    else:
+        model.embed.weight = nn.Parameter(head.weight.detach(), requires_grad=False)
+    if s is not None:
+        model.embed_rescale = (1.0 / s).to(model.embed.weight.dtype)
 
 
 def _splits(q: WeightQuant | None) -> bool:

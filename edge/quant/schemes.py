@@ -22,6 +22,7 @@ class Act(StrEnum):
 class Rounding(StrEnum):
     RTN = "rtn"  # round to nearest with the absmax scale
     HQQ = "hqq-scale"  # torchao's half-quadratic search of the scale (calibration-free)
+    GPTQ = "gptq"  # error-compensating rounding on calibration activations (edge/quant/gptq.py)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,21 @@ class Scheme:
     lowering_min_top1: float = 0.995
     # (name suffix, quant) pairs that override `linear` for the linears whose name ends so.
     overrides: tuple[tuple[str, WeightQuant], ...] = ()
+    # One int8 table for the lookup and the head, stored once: the head is 8da8w per output channel
+    # and the lookup reads the same int8 rows and per-row scales (quantized_decomposed::embedding_byte).
+    # ExecuTorch deduplicates identical constants only in its external weight file, so the bundle gets
+    # model.ptd beside model.pte (the stock runners take it as their data path).
+    shared_table: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shared_table:
+            h, e = self.head, self.embedding
+            ok = h and e and h.bits == e.bits == 8 and e.group is None and Rounding.RTN == h.rounding == e.rounding
+            if not ok or h.act != Act.DYNAMIC_INT8:
+                # The head's groups, if any, are column slices with per-row scales (edge/quant/split.py).
+                raise ValueError(
+                    f"scheme {self.name}: a shared table needs an 8da8w RTN head and an int8 per-row lookup"
+                )
 
     def quant_for(self, name: str) -> WeightQuant | None:
         """How the linear called `name` is quantized ("lm_head": the head)."""
@@ -76,6 +92,12 @@ class Scheme:
             if name.endswith(suffix):
                 return q
         return self.linear
+
+    @property
+    def calibrated(self) -> bool:
+        """Needs calibration text: SmoothQuant scales or GPTQ rounding."""
+        qs = [self.linear, self.head, *(q for _, q in self.overrides)]
+        return self.smooth or any(q is not None and q.rounding == Rounding.GPTQ for q in qs)
 
     @property
     def quantized(self) -> bool:
@@ -98,13 +120,15 @@ SCHEMES: dict[str, Scheme] = {
             "int8 weights with dynamic int8 activations (8da8w) on every linear and the head, SmoothQuant"
             " scales folded in: per output channel, except groups of 64 input channels in the head and 128 in"
             " mlp.down (the two most sensitive sites), realized as column slices on XNNPACK, which has no"
-            " grouped int8 kernel (edge/quant/split.py); int8 g32 embedding",
+            " grouped int8 kernel (edge/quant/split.py); the lookup reads the head's int8 slices, one table"
+            " stored once (shared_table, model.ptd)",
             _w(8, None),
             _w(8, 64),
-            _w(8, 32, act=Act.FLOAT),
+            _w(8, None, act=Act.FLOAT),
             Band(mean_kld=0.005, top1=0.97),
             smooth=True,
             overrides=(("mlp.down", _w(8, 128)),),
+            shared_table=True,
         ),
         Scheme(
             "int4",

@@ -312,6 +312,7 @@ def smooth(
             for c in site.consumers:
                 _scale_columns(c, s)
             row["s_ratio"] = (s.max() / s.min()).item()
+            row["s"] = s  # the folded scales (a shared table needs the head's: edge/quant/apply.py)
         report[site.name] = row
         del site.x
         if progress:

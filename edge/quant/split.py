@@ -62,6 +62,31 @@ class ColumnSplitLinear(nn.Module):
         return out
 
 
+class ColumnSplitEmbedding(nn.Module):
+    """A lookup over the column slices of a (tied) head: row t = cat_i parts[i].weight[t].
+
+    Its parts hold the very tensors of the head's parts, so that once both are quantized per row
+    (int8 lookup rows; 8da8w head slices, one scale per output channel) they are byte-identical
+    and an export stores each slice once (edge/quant/schemes.py, Scheme.shared_table).
+    """
+
+    def __init__(self, head: ColumnSplitLinear) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.parts = nn.ModuleList()
+        for lin in head.parts:
+            part = nn.Embedding(lin.out_features, lin.in_features, device="meta")
+            part.weight = nn.Parameter(lin.weight.detach(), requires_grad=False)
+            self.parts.append(part)
+
+    @property
+    def weight(self) -> torch.Tensor:  # the model reads the table's dtype from it
+        return self.parts[0].weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(tokens) for p in self.parts], dim=-1)
+
+
 def split_linears(model: nn.Module, names: set[str], group: int) -> None:
     """Replace each named nn.Linear of `model` by a ColumnSplitLinear (frees the full weight)."""
     for parent_name, parent in list(model.named_modules()):

@@ -10,7 +10,8 @@ from edge.errors import EdgeError
 
 
 class PteRunner:
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, data_path: str | Path | None = None) -> None:
+        """data_path: the program's external weights (.ptd), when it has them."""
         try:
             # Kernels the stock apps link too: quantized embeddings (and llama custom ops if used).
             import executorch.kernels.quantized  # noqa: F401
@@ -22,7 +23,7 @@ class PteRunner:
         if threads:
             portable_lib._unsafe_reset_threadpool(threads)
         self._torch = torch
-        self.program = Runtime.get().load_program(str(path))
+        self.program = Runtime.get().load_program(str(path), data_path=str(data_path) if data_path else None)
         self.forward = self.program.load_method("forward")
         meta = {n: self.program.load_method(n).execute([])[0] for n in ("get_max_seq_len", "get_vocab_size")}
         self.max_seq_len = int(meta["get_max_seq_len"])

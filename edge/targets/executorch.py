@@ -59,6 +59,11 @@ class Lowered:
     program: bytes
     io: dict
     delegation: dict = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # further files of the artifact (model.ptd)
+
+
+# The weights file of a program whose constants live outside it (ExecuTorch's .ptd, FlatTensor).
+WEIGHTS_FILE = "model.ptd"
 
 
 # How each delegate computes. fp32 everywhere: Gemma 3's residual stream reaches ~1e5 on real
@@ -191,7 +196,22 @@ def delegation_report(graph_module) -> dict:
     }
 
 
-def _backend_config():
+def _external_weights(ep) -> None:
+    """Tag every constant for the external weights file, the program's own and the delegates'.
+
+    ExecuTorch merges both into one named-data store, which keeps each distinct byte string once
+    (exir/_serialize/_serialize.py, serialize_for_executorch; _named_data_store.py dedups by sha256):
+    the int8 lookup table and the head's identical int8 weights (Scheme.shared_table) are written
+    once. Inside a .pte the two live in different stores (program constants vs the XNNPACK blob's
+    named data) and would be written twice, so the weights go to model.ptd.
+    """
+    tag = WEIGHTS_FILE.removesuffix(".ptd")
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":  # read by the XNNPACK serializer (node_visitor.py, delegate_constant_tag)
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
+
+
+def _backend_config(external_weights: bool = False):
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -203,6 +223,8 @@ def _backend_config():
         do_quant_fusion_and_const_prop=True,
         memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
         sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        # Non-delegated constants (the lookup table) to the same file as the delegates' (see _external_weights).
+        external_constants=(lambda node: WEIGHTS_FILE.removesuffix(".ptd")) if external_weights else False,
     )
 
 
@@ -225,8 +247,14 @@ def lower_module(module: nn.Module, example: tuple, backend: Backend) -> bytes:
     return _lower(ep, backend).to_executorch(_backend_config()).buffer
 
 
-def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, stages) -> Lowered:
-    """torch.export -> to_edge_transform_and_lower -> to_executorch; each step a timed stage."""
+def export(
+    model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, stages, external_weights: bool = False
+) -> Lowered:
+    """torch.export -> to_edge_transform_and_lower -> to_executorch; each step a timed stage.
+
+    external_weights: every constant goes to model.ptd (each distinct tensor once) and the .pte
+    holds the program only; the stock runners take the .ptd as their data path.
+    """
     from torch.export import Dim
 
     wrapper = RunnerContract(model, meta["get_vocab_size"]).eval()
@@ -243,12 +271,16 @@ def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, sta
         ep = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=True)
         # index_copy_ (the cache write) has no ExecuTorch kernel: decompose it to index_put.
         ep = ep.run_decompositions({})
+        if external_weights:
+            _external_weights(ep)
     with stages.run("lower", f"to_edge + {backend.name} partitioner"):
         edge = _lower(ep, backend, meta)
         del ep
     with stages.run("serialize", "to_executorch + memory planning"):
-        et = edge.to_executorch(_backend_config())
+        et = edge.to_executorch(_backend_config(external_weights))
         program = et.buffer
+        # File names as ExecutorchProgramManager.write_tensor_data_to_file makes them (tag + ".ptd").
+        files = {t if t.endswith(".ptd") else f"{t}.ptd": bytes(c) for t, c in (et._tensor_data or {}).items()}
         report = delegation_report(et.exported_program().graph_module)
         report["compute"] = COMPUTE[backend.name]
         del et, edge
@@ -268,4 +300,11 @@ def export(model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, sta
         "compute": COMPUTE[backend.name],
         "logits_padded_to": meta["get_vocab_size"],
     }
-    return Lowered(program, io, report)
+    if files:
+        io["weights_file"] = {
+            "file": WEIGHTS_FILE,
+            "format": "ExecuTorch FlatTensor (.ptd): every constant of the program, each distinct tensor once",
+            "load": "pass it as the data path: TextLLMRunner(model, tokenizer, data_path), Android"
+            " LlmModule(..., dataPath), Runtime.load_program(pte, data_path=...)",
+        }
+    return Lowered(program, io, report, files)

@@ -148,7 +148,7 @@ def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
         from edge.quant.schemes import get_scheme
 
         scheme = get_scheme(manifest["quant"]["scheme"]["name"])
-        calib = calibration(loaded.tokenizer, loaded.config.vocab_size) if scheme.smooth else None
+        calib = calibration(loaded.tokenizer, loaded.config.vocab_size) if scheme.calibrated else None
         quantize_model(model, scheme, calib)
     return st.eager_logits(model)
 
