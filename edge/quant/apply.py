@@ -86,6 +86,7 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
     if not scheme.quantized:
         return coverage
     head_s = None
+    rows = {r["name"]: r for r in coverage}
     from torchao.quantization import quantize_
 
     if scheme.smooth:
@@ -96,7 +97,6 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
         q = scheme.linear
         report = smooth(model, calib, weight_bits=q.bits, group_size=q.group, progress=progress)
         head_s = report.get("lm_head", {}).get("s")
-        rows = {r["name"]: r for r in coverage}
         for site, r in report.items():
             prefix, _, kind = site.rpartition(".")
             for suffix in _SITE_CONSUMERS[kind]:
@@ -115,7 +115,6 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
     _split_grouped_int8(model, scheme, todo, coverage)
     if scheme.shared_table:
         _share_table(model, head_s)
-        rows = {r["name"]: r for r in coverage}
         rows["embed"]["shared_with"] = rows["lm_head"]["shared_with"] = "embed + lm_head: one int8 table"
     if scheme.embedding is not None:
         is_table = lambda m, n: isinstance(m, nn.Embedding) and _owner(n) in todo  # noqa: E731
@@ -129,12 +128,12 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
     if gptq:  # last: each layer is rounded on what the quantized layers before it produce
         if not calib:
             raise ValueError(f"scheme {scheme.name!r} rounds with GPTQ: pass calibration token ids")
-        _gptq(model, scheme, gptq, calib, coverage, progress)
+        _gptq(model, scheme, gptq, calib, rows, progress)
     _bf16_group_scales(model)
     return coverage
 
 
-def _gptq(model: nn.Module, scheme: Scheme, names: list[str], calib, coverage: list[dict], progress) -> None:
+def _gptq(model: nn.Module, scheme: Scheme, names: list[str], calib, rows: dict[str, dict], progress) -> None:
     from torchao.quantization.quant_api import (
         _int8_dynamic_activation_intx_weight_transform,
         _intx_weight_only_transform,
@@ -143,7 +142,6 @@ def _gptq(model: nn.Module, scheme: Scheme, names: list[str], calib, coverage: l
     from edge.quant.gptq import gptq_layers
 
     mods = dict(model.named_modules())
-    rows = {r["name"]: r for r in coverage}
 
     def install(name: str, q: torch.Tensor, s: torch.Tensor) -> None:
         wq = scheme.quant_for(name)

@@ -70,9 +70,12 @@ def quantize_weight(
     return Q, S
 
 
-def _input_hessians(model: nn.Module, names: Sequence[str], calib: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+def _input_hessians(
+    mods: dict[str, nn.Module], model: nn.Module, names: Sequence[str], calib
+) -> dict[str, torch.Tensor]:
     """H = sum over calibration tokens of x x^T for each named linear's input (float64)."""
-    mods = dict(model.named_modules())
+    from edge.quant.smooth import calibration_pass
+
     hs: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
@@ -84,10 +87,7 @@ def _input_hessians(model: nn.Module, names: Sequence[str], calib: Sequence[Sequ
 
     handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
-        with torch.no_grad():
-            for ids in calib:
-                model.reset_cache()
-                model(torch.tensor([list(ids)]), torch.tensor([0]), all_logits=False)
+        calibration_pass(model, calib)
     finally:
         for h in handles:
             h.remove()
@@ -107,9 +107,9 @@ def gptq_layers(
     for n in names:
         key = ".".join(n.split(".")[:2]) if n.startswith("layers.") else n
         by_layer.setdefault(key, []).append(n)
+    mods = dict(model.named_modules())  # installing a result replaces a weight, never a module
     for i, group_names in enumerate(by_layer.values()):
-        hs = _input_hessians(model, group_names, calib)
-        mods = dict(model.named_modules())
+        hs = _input_hessians(mods, model, group_names, calib)
         for n in group_names:
             bits, group = bits_group(n)
             q, s = quantize_weight(mods[n].weight.detach().float(), hs.pop(n), bits, group)

@@ -147,14 +147,22 @@ def _capture_inputs(model: nn.Module, calib_ids: Sequence[Sequence[int]]) -> dic
     # (T, vocab) head matmul of every position but the last.
     handles.append(model.norm.register_forward_hook(lambda mod, args, out: keep("lm_head", out)))
     try:
+        calibration_pass(model, calib_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in seen.items() if v}
+
+
+@torch.no_grad()
+def calibration_pass(model: nn.Module, calib_ids: Sequence[Sequence[int]]) -> None:
+    """Run every calibration sequence from an empty cache (for the hooks that watch it); cache left empty."""
+    try:
         for ids in calib_ids:  # cut to the cache: statistics need realistic activations, not whole texts
             model.reset_cache()
             model(torch.tensor([list(ids)[: model.max_seq_len]]), torch.tensor([0]))
     finally:
-        for h in handles:
-            h.remove()
         model.reset_cache()
-    return {n: torch.cat(v) for n, v in seen.items() if v}
 
 
 # --- the folds ------------------------------------------------------------------------------------------
