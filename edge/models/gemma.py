@@ -43,12 +43,19 @@ class RMSNorm(nn.Module):
         return (out * (1.0 + self.weight.float())).type_as(x)
 
 
-def rope_table(head_dim: int, theta: float, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_seq_len, head_dim) for the non-interleaved ("rotate half") RoPE."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (D/2,)
-    pos = torch.arange(max_seq_len, dtype=torch.int64).float()
-    freqs = torch.outer(pos, inv_freq)  # (S, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """(D/2,) float32 inverse frequencies of the non-interleaved ("rotate half") RoPE, as transformers builds them."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def rope(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, D) at positions pos (T,), computed in the graph.
+
+    Not a precomputed (max_seq_len, D) table: for the 270M at 1024 positions the two tables (global
+    and local theta) were 4.2 MB of constants in every artifact, 1.7% of the int4 size budget.
+    """
+    freqs = pos.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # (T, D/2): torch.outer's products
+    emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
@@ -196,15 +203,13 @@ class Gemma(nn.Module):
         self.setup_cache(max_seq_len, max_batch)
 
     def setup_cache(self, max_seq_len: int, max_batch: int = 1, dtype: torch.dtype | None = None) -> None:
-        """(Re)allocate the KV caches and the RoPE tables for max_seq_len positions."""
+        """(Re)allocate the KV caches for max_seq_len positions, and the RoPE frequencies."""
         dtype = dtype or self.embed.weight.dtype
         self.max_seq_len = max_seq_len
         for layer in self.layers:
             layer.attn.cache = KVCache(max_batch, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype)
         for name, theta in (("global", self.cfg.rope_theta), ("local", self.cfg.rope_local_theta)):
-            cos, sin = rope_table(self.cfg.head_dim, theta, max_seq_len)
-            self.register_buffer(f"rope_cos_{name}", cos.to(dtype), persistent=False)
-            self.register_buffer(f"rope_sin_{name}", sin.to(dtype), persistent=False)
+            self.register_buffer(f"rope_inv_freq_{name}", rope_inv_freq(self.cfg.head_dim, theta), persistent=False)
 
     def reset_cache(self) -> None:
         for layer in self.layers:
@@ -234,12 +239,13 @@ class Gemma(nn.Module):
         if self.embed_rescale is not None:
             x = x * self.embed_rescale
         global_mask, local_mask = self.masks(pos)
-        rope = {
-            False: (self.rope_cos_global[pos], self.rope_sin_global[pos], global_mask),  # (T, D), (T, D), (T, S)
-            True: (self.rope_cos_local[pos], self.rope_sin_local[pos], local_mask),
-        }
+        dtype = self.embed.weight.dtype
+        tables = {}
+        for local, name, mask in ((False, "global", global_mask), (True, "local", local_mask)):
+            cos, sin = rope(pos, getattr(self, f"rope_inv_freq_{name}"))
+            tables[local] = (cos.to(dtype), sin.to(dtype), mask)  # (T, D), (T, D), (T, S)
         for i, layer in enumerate(self.layers):
-            cos, sin, mask = rope[layer.local]
+            cos, sin, mask = tables[layer.local]
             x = layer(x, pos, cos, sin, mask, caches[i] if caches is not None else None)
         x = self.norm(x)
         if not all_logits:
