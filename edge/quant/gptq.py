@@ -86,8 +86,12 @@ def _input_hessians(
         return f
 
     handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
+    # Nothing after the block holding these linears matters to their Hessians: each pass stops there
+    # (a pass for layer i costs i + 1 blocks, not the whole model).
+    blocks = {".".join(n.split(".")[:2]) for n in names}
+    last = mods[blocks.pop()] if len(blocks) == 1 and next(iter(blocks)).startswith("layers.") else None
     try:
-        calibration_pass(model, calib)
+        calibration_pass(model, calib, stop_after=last)
     finally:
         for h in handles:
             h.remove()

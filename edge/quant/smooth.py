@@ -154,14 +154,31 @@ def _capture_inputs(model: nn.Module, calib_ids: Sequence[Sequence[int]]) -> dic
     return {n: torch.cat(v) for n, v in seen.items() if v}
 
 
+class _Stopped(Exception):
+    pass
+
+
+def _stop(mod, args, out):
+    raise _Stopped
+
+
 @torch.no_grad()
-def calibration_pass(model: nn.Module, calib_ids: Sequence[Sequence[int]]) -> None:
-    """Run every calibration sequence from an empty cache (for the hooks that watch it); cache left empty."""
+def calibration_pass(model: nn.Module, calib_ids: Sequence[Sequence[int]], stop_after: nn.Module | None = None) -> None:
+    """Run every calibration sequence from an empty cache (for the hooks that watch it); cache left empty.
+
+    stop_after: a submodule after which nothing matters to the hooks: each forward ends there.
+    """
+    handle = stop_after.register_forward_hook(_stop) if stop_after is not None else None
     try:
         for ids in calib_ids:  # cut to the cache: statistics need realistic activations, not whole texts
             model.reset_cache()
-            model(torch.tensor([list(ids)[: model.max_seq_len]]), torch.tensor([0]))
+            try:
+                model(torch.tensor([list(ids)[: model.max_seq_len]]), torch.tensor([0]))
+            except _Stopped:
+                pass
     finally:
+        if handle is not None:
+            handle.remove()
         model.reset_cache()
 
 
@@ -250,6 +267,13 @@ GROUPS = ("qkv", "wo", "mlp", "down", "head")
 ALPHA_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+def _tie_groups(site: _Site, g: int) -> None:
+    """One free scale per g consecutive (tied) channels: the max statistic over each group."""
+    tie, untie = site.tie, site.untie
+    site.tie = lambda v: tie(v).reshape(-1, g).amax(1)
+    site.untie = lambda v: untie(v.repeat_interleave(g))
+
+
 def _scales(site: _Site, alpha: float) -> torch.Tensor:
     """s_j = a_j^alpha / w_j^(1 - alpha), a_j and w_j the channel's activation and weight-column RMS.
 
@@ -284,6 +308,7 @@ def smooth(
     groups: Iterable[str] = GROUPS,
     alpha_grid: Sequence[float] = ALPHA_GRID,
     progress: Callable[[int, int], None] | None = None,
+    group_sites: dict[str, int] | None = None,
 ) -> dict[str, dict]:
     """Fold SmoothQuant scales into an fp32 edge.models.gemma.Gemma, in place; returns a per-site report.
 
@@ -292,6 +317,8 @@ def smooth(
     is left alone (alpha None). groups: the sites to smooth, among GROUPS ("qkv", "wo", "mlp",
     "down", "head"); "head" unties lm_head from the embedding. All sites are measured on one
     capture: a fold changes the inputs of the sites downstream of it only by rounding.
+    group_sites: site name -> g: that site's scales are constant over each g consecutive input
+    channels, so that a consumer held on its source's grid (edge/quant/transcode.py) stays on it.
     """
     groups = set(groups)
     unknown = groups - set(GROUPS)
@@ -302,6 +329,9 @@ def smooth(
     report: dict[str, dict] = {}
     xs = _capture_inputs(model, calib_ids)
     sites = _sites(model, xs, groups)
+    for site in sites:
+        if group_sites and site.name in group_sites:
+            _tie_groups(site, group_sites[site.name])
     for i, site in enumerate(sites):
         # The error is estimated on a row sample of the head (quant_error): sample before scaling,
         # or every alpha would scale a full copy of it.

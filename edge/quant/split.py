@@ -94,3 +94,38 @@ def split_linears(model: nn.Module, names: set[str], group: int) -> None:
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if name in names and isinstance(child, nn.Linear):
                 setattr(parent, child_name, ColumnSplitLinear(child, group))
+
+
+class OffsetLinear(nn.Module):
+    """y = main(x) + offset(group sums of x): an asymmetric grouped weight on a symmetric 4-bit kernel.
+
+    A weight w = s * q + c per group of `group` input columns (a Q4_K grid held as q - 8, with
+    c = 8 s - m; edge/quant/transcode.py) gives W x = sum_g s_g q_g . x_g + c_g * sum(x_g): `main`
+    holds s * q (8da4w, exact on its grid), `offset` is an fp32 linear (in / group -> out) holding c.
+    XNNPACK runs both; the group sums (a reshape and a sum) run outside it.
+
+    The 270M's 27 Q4_K linears carry 0.74M offsets, 2.9 MB in fp32: the int4 bundle is 0.6 MB over
+    the GGUF's size because of them. Stored in fp16 (<= 2^-11 relative, below the bf16 rounding of
+    the group scales) they would fit, but ExecuTorch's const-prop (ExecutorchBackendConfig
+    do_quant_fusion_and_const_prop, which the embedding fusion needs) folds the fp16 -> fp32 cast
+    of a constant back into an fp32 constant, and the matmul then leaves the delegate: measured,
+    253,726,480 bytes with fp16 vs 253,710,736 with fp32.
+    """
+
+    def __init__(self, main: nn.Linear, offset: torch.Tensor, group: int) -> None:
+        super().__init__()
+        if main.in_features != offset.shape[1] * group or main.out_features != offset.shape[0]:
+            raise ValueError(f"offset {tuple(offset.shape)} does not fit {main} with groups of {group}")
+        self.group = group
+        self.in_features, self.out_features = main.in_features, main.out_features
+        self.main = main
+        self.offset = nn.Linear(offset.shape[1], offset.shape[0], bias=False, device="meta")
+        self.offset.weight = nn.Parameter(offset.contiguous(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # the model reads dtypes from it
+        return self.main.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sums = x.unflatten(-1, (self.in_features // self.group, self.group)).sum(-1)
+        return self.main(x) + self.offset(sums)

@@ -27,6 +27,7 @@ class Backend:
     static_shapes: bool = False  # exported with a fixed [1, 1] token input (prefill token by token)
     note: str = ""
     runtime: str | None = None  # import name that runs the artifact, when not `package` (a device has no converter)
+    default_quant: str | None = None  # when the target's default is not among `schemes` (else schemes[0])
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
@@ -45,7 +46,7 @@ class Backend:
 
 _ET = "pip install 'gemma-edge[executorch]'"
 _LITERT = "pip install 'gemma-edge[litert]'"
-_XNNPACK = ("fp32", "int8", "int4", "int4-g128", "rtn-int8", "rtn-int4")
+_XNNPACK = ("fp32", "int8", "int4", "int4-hqq", "int4-g128", "rtn-int8", "rtn-int4")
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
@@ -83,9 +84,12 @@ BACKENDS: dict[str, Backend] = {
             "litert_torch",
             _LITERT,
             True,
-            ("fp32", "int4", "int4-g128"),
+            ("fp32", "int4-hqq", "int4-g128"),
             note="prefill_<N> / decode signatures, KV cache in and out; runs with numpy + ai-edge-litert",
             runtime="ai_edge_litert",
+            # The mixed int4 scheme (shared int8 table, Q4_K grids with offsets) is not carried into
+            # LiteRT yet (edge/targets/litert_quant.py reads one 4-bit format): its int4 is int4-hqq.
+            default_quant="int4-hqq",
         ),
         Backend(
             "onnx",
@@ -117,7 +121,7 @@ TARGETS: dict[str, Target] = {
     for t in (
         Target("android", "xnnpack", "int4", ("xnnpack", "vulkan", "litert", "litert-gpu"), "Android phones"),
         Target("ios", "xnnpack", "int4", ("xnnpack", "coreml"), "iPhones and iPads"),
-        Target("rpi", "litert", "int4", ("litert", "onnx", "xnnpack"), "Raspberry Pi 4/5 (aarch64)"),
+        Target("rpi", "litert", "int4-hqq", ("litert", "onnx", "xnnpack"), "Raspberry Pi 4/5 (aarch64)"),
         Target("linux", "xnnpack", "int8", ("xnnpack", "litert", "onnx", "coreml", "vulkan"), "x86/arm Linux hosts"),
     )
 }
@@ -152,7 +156,7 @@ def resolve(target: str, backend: str | None, quant: str | None) -> Plan:
             hint=f"for {t.name} use one of: {', '.join(built)}" if built else "no backend for this target is built yet",
         )
     b = BACKENDS[name]
-    scheme = quant or (t.default_quant if t.default_quant in b.schemes else b.schemes[0])
+    scheme = quant or (t.default_quant if t.default_quant in b.schemes else b.default_quant or b.schemes[0])
     if scheme not in SCHEMES:
         raise EdgeError(f"unknown quantization scheme {scheme!r}", hint=f"choose one of: {', '.join(SCHEMES)}")
     if scheme not in b.schemes:

@@ -146,10 +146,11 @@ def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
     if stage == "quantized":
         from edge.quant.apply import calibration, quantize_model
         from edge.quant.schemes import get_scheme
+        from edge.quant.transcode import grids_for
 
         scheme = get_scheme(manifest["quant"]["scheme"]["name"])
         calib = calibration(loaded.tokenizer, loaded.config.vocab_size) if scheme.calibrated else None
-        quantize_model(model, scheme, calib)
+        quantize_model(model, scheme, calib, grids=grids_for(loaded, scheme))
     return st.eager_logits(model)
 
 

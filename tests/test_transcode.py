@@ -1,0 +1,133 @@
+"""Source-grid transcoding (edge/quant/transcode.py): GGUF blocks read back exactly, Q4_K grids kept on 8da4w."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+from test_export_executorch import lower, tiny_model
+
+from conftest import random_calibration
+from edge.quant.apply import quantize_model
+from edge.quant.schemes import SCHEMES
+from edge.quant.split import OffsetLinear
+from edge.quant.transcode import BLOCK_BYTES, Grid, decode, to_offset_linear
+from edge.runtime import replay
+from edge.runtime.eager import EagerRunner
+from edge.runtime.pte import PteRunner
+from edge.validate.metrics import full_kld
+
+# Where each type keeps its fp16 scale(s) in a block: [(first byte, count)].
+_F16_FIELDS = {"Q8_0": [(0, 1)], "Q5_0": [(0, 1)], "Q4_K": [(0, 2)], "Q6_K": [(208, 1)]}
+_ELEMENTS = {"Q8_0": 32, "Q5_0": 32, "Q4_K": 256, "Q6_K": 256}
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid GGUF blocks: random bits everywhere, finite positive fp16 scales where the type has them."""
+    rng = np.random.default_rng(seed)
+    n = rows * cols // _ELEMENTS[kind]
+    b = rng.integers(0, 256, (n, BLOCK_BYTES[kind]), dtype=np.uint8)
+    for first, count in _F16_FIELDS[kind]:
+        d = rng.uniform(1e-4, 1e-2, (n, count)).astype(np.float16)
+        b[:, first : first + 2 * count] = d.view(np.uint8)
+    return b.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q4_K", "Q6_K"])
+def test_a_source_grid_round_trips_exactly(kind):
+    rows, cols = 6, 512
+    raw = random_blocks(kind, rows, cols)
+    grid = decode(kind, raw, rows, cols)
+    want = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).reshape(rows, cols))
+    assert torch.equal(grid.dequantize(), want)  # max |delta| = 0: the same floats, not merely close
+    lo, hi = -(2 ** (grid.bits - 1)), 2 ** (grid.bits - 1) - 1
+    assert grid.q.dtype == torch.int8 and lo <= grid.q.min() and grid.q.max() <= hi
+    assert grid.scale.shape == (rows, cols // grid.group)
+
+
+def q4k_grid(rows: int, cols: int, seed: int = 0) -> Grid:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (rows, cols), generator=g, dtype=torch.int8)
+    scale = torch.rand(rows, cols // 32, generator=g) * 0.02 + 0.005
+    minimum = torch.rand(rows, cols // 32, generator=g) * 0.1
+    return Grid("Q4_K", q, scale, 32, 4, minimum)
+
+
+def effective_weight(lin: OffsetLinear) -> torch.Tensor:
+    w = lin.main.weight.dequantize()
+    return w + lin.offset.weight.repeat_interleave(lin.group, dim=1)
+
+
+def test_an_offset_linear_keeps_the_q4k_integers():
+    grid = q4k_grid(16, 128)
+    lin = to_offset_linear(grid)
+    assert torch.equal(lin.main.weight.qdata, grid.q)  # the source's integers, not re-rounded ones
+    assert torch.equal(lin.main.weight.scale.reshape(grid.scale.shape), grid.scale.to(torch.bfloat16).float())
+    want = grid.dequantize()
+    err = (effective_weight(lin) - want).norm() / want.norm()
+    assert err < 2e-3  # only the bf16 rounding of the group scales (2^-9 relative at most)
+    x = torch.randn(3, 128)
+    y = lin(x)
+    assert ((y - x @ want.T).norm() / y.norm()) < 2e-2  # plus the dynamic int8 activations
+
+
+def test_row_and_group_factors_move_into_the_scales():
+    grid = q4k_grid(4, 64)
+    r, c = torch.rand(4, 1) + 0.5, (torch.rand(2) + 0.5).repeat_interleave(32)
+    lin = to_offset_linear(grid, grid.dequantize() * r * c)  # a producer's fold (rows), a consumer's (columns)
+    assert torch.equal(lin.main.weight.qdata, grid.q)
+    want = grid.dequantize() * r * c
+    assert (effective_weight(lin) - want).norm() / want.norm() < 2e-3
+
+
+def test_a_fold_that_breaks_the_grid_is_refused():
+    grid = q4k_grid(4, 64)
+    c = torch.ones(64)
+    c[3] = 2.0  # not constant within its group of 32
+    with pytest.raises(ValueError, match="not its source grid scaled per group"):
+        to_offset_linear(grid, grid.dequantize() * c)
+
+
+def grid_model():
+    """A tiny model whose attn.wo weights sit on Q4_K grids, and those grids."""
+    model = tiny_model(n_kv_heads=2, seed=5)
+    grids = {}
+    for i, layer in enumerate(model.layers):
+        w = layer.attn.wo.weight
+        grids[f"layers.{i}.attn.wo"] = grid = q4k_grid(*w.shape, seed=i)
+        layer.attn.wo.weight = torch.nn.Parameter(grid.dequantize(), requires_grad=False)
+    return model, grids
+
+
+def test_int4_keeps_q4k_sources_exact_under_smoothing():
+    model, grids = grid_model()
+    rows = {r["name"]: r for r in quantize_model(model, SCHEMES["int4"], random_calibration(256), grids=grids)}
+    for name, grid in grids.items():
+        r = rows[name]
+        assert r["scheme"] == "8da4w-g32-source-Q4_K", r
+        lin = model.get_submodule(name)
+        assert isinstance(lin, OffsetLinear) and torch.equal(lin.main.weight.qdata, grid.q)
+        sq = r["smoothquant"]
+        assert sq["group_constant"] == 32
+        if sq["alpha"] is not None:  # smoothed: the grid's scales carry the column factors
+            assert not torch.equal(
+                lin.main.weight.scale.reshape(grid.scale.shape), grid.scale.to(torch.bfloat16).float()
+            )
+    assert rows["layers.0.attn.wq"]["scheme"] == "8da4w-g32-gptq"  # no source grid: GPTQ int4
+    assert rows["layers.0.mlp.up"]["scheme"] == "8da8w-per-channel-rtn"
+
+
+def test_without_grids_int4_rounds_wo_with_gptq():
+    model = tiny_model(n_kv_heads=2, seed=5)
+    rows = {r["name"]: r for r in quantize_model(model, SCHEMES["int4"], random_calibration(256))}
+    assert rows["layers.0.attn.wo"]["scheme"] == "8da4w-g32-gptq"
+    assert rows["embed"].get("shared_with")
+
+
+def test_a_transcoded_model_lowers_without_error(tmp_path):
+    model, grids = grid_model()
+    quantize_model(model, SCHEMES["int4"], random_calibration(256), grids=grids)
+    path, low = lower(model, tmp_path)
+    ids = [int(i) for i in torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1))]
+    want, got = replay(EagerRunner(model), ids), replay(PteRunner(path), ids)
+    assert full_kld(want, got).mean() < SCHEMES["int4"].lowering_max_kld
