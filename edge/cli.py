@@ -120,7 +120,7 @@ def export(
         typer.Option(
             "--quant",
             "-q",
-            help="fp32 | int8 | int4 | int4-g128 | int8-wo | int4-wo | rtn-int8 | rtn-int4 (per backend: README)",
+            help="fp32 | int8 | int4 | int4-hqq | int4-g128 | int8-wo | int4-wo | rtn-* (by backend: README)",
         ),
     ] = None,
     weights: WeightsOpt = None,
