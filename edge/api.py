@@ -240,8 +240,13 @@ def export(
     max_seq_len: int = 1024,
     out: str | Path | None = None,
     force: bool = False,
+    on_quantized=None,
 ) -> dict:
-    """load -> golden (fp32 reference) -> quantize -> export -> lower -> serialize -> bundle. Returns the manifest."""
+    """load -> golden (fp32 reference) -> quantize -> export -> lower -> serialize -> bundle. Returns the manifest.
+
+    on_quantized: called with the quantized eager model (the `quantized` stage) before it is lowered, for
+    callers that compare the artifact with it (tests, benchmarks) without quantizing a second time.
+    """
     import psutil
 
     from edge import bundle as bundle_mod
@@ -305,6 +310,8 @@ def export(
         vocab = max(tok.vocab_size, v.config.vocab_size)
         meta = impl.metadata(v.config, max_seq_len, tok.bos_id, tok.stop_ids, vocab, not plan.backend.static_shapes)
         extra = {"external_weights": True} if scheme.shared_table else {}  # executorch only (scheme lists)
+        if on_quantized is not None:
+            on_quantized(model)
         lowered = impl.export(model, max_seq_len, plan.backend, meta, stages, **extra)
         del model
         (tmp / plan.backend.artifact).write_bytes(lowered.program)

@@ -6,12 +6,8 @@ import torch
 
 from edge import api
 from edge import bundle as bundle_mod
-from edge.models.loading import load_weights
 from edge.models.tokenizer import Tokenizer
-from edge.models.variants import get_variant
-from edge.quant.apply import calibration, quantize_model
 from edge.quant.schemes import SCHEMES
-from edge.quant.transcode import grids_for
 from edge.validate import golden
 from edge.validate.metrics import full_kld
 from edge.validate.stages import evaluate, runner_logits
@@ -25,10 +21,17 @@ class _Bundles(dict):
     def __init__(self, root):
         super().__init__()
         self.root = root
+        self.models = {}
 
     def __missing__(self, q):
-        self[q] = api.export("270m", "android", quant=q, out=self.root / q)
+        self[q] = api.export("270m", "android", quant=q, out=self.root / q, on_quantized=self.keep(q))
         return self[q]
+
+    def keep(self, q):
+        def hold(model):
+            self.models[q] = model  # the very module that was lowered: quantizing is minutes (GPTQ)
+
+        return hold
 
 
 @pytest.fixture(scope="session")
@@ -37,17 +40,14 @@ def bundles(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def quantized_eager():
-    """The eager model of each scheme: what the .pte must equal."""
-    loaded = load_weights(get_variant("270m"))
+def quantized_eager(bundles):
+    """The eager model of each scheme, the very module `edge export` lowered: what the .pte must equal."""
 
     class Models(dict):
         def __missing__(self, q):
-            m = loaded.build(1024)
-            calib = calibration(loaded.tokenizer, m.cfg.vocab_size)
-            quantize_model(m, SCHEMES[q], calib, grids=grids_for(loaded, SCHEMES[q]))  # as `edge export` does
-            self[q] = m
-            return m
+            bundles[q]  # exports it, if not yet
+            self[q] = bundles.models[q]
+            return self[q]
 
     return Models()
 
