@@ -32,8 +32,6 @@ from gguf.quants import Q4_K
 
 from edge.models.weights.gguf import GGUFFile
 
-TRANSCODABLE = ("Q8_0", "Q5_0", "Q4_K", "Q6_K")
-
 
 @dataclass
 class Grid:
@@ -65,6 +63,7 @@ def _f16(b: np.ndarray) -> np.ndarray:
 
 
 BLOCK_BYTES = {"Q8_0": 34, "Q5_0": 22, "Q4_K": 144, "Q6_K": 210}
+TRANSCODABLE = tuple(BLOCK_BYTES)
 
 
 def read_grid(f: GGUFFile, name: str) -> Grid | None:
