@@ -146,7 +146,7 @@ def quantize_model(
         # want different formats). Same storage until quantize_ replaces each.
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
     todo = {r["name"] for r in coverage if r["scheme"] != "fp32"} - exact
-    _transcode(model, exact, grids, rows)
+    _transcode(model, exact, grids, rows, scheme.source_act_slice)
     _split_grouped_int8(model, scheme, todo, coverage)
     if scheme.shared_table:
         _share_table(model, head_s)
@@ -178,7 +178,9 @@ def _sites_of(name: str) -> list[str]:
     return ["lm_head"] if name == "lm_head" else []
 
 
-def _transcode(model: nn.Module, names: set[str], grids: dict, rows: dict[str, dict]) -> None:
+def _transcode(
+    model: nn.Module, names: set[str], grids: dict, rows: dict[str, dict], act_slice: int | None = None
+) -> None:
     """Replace each named linear by an OffsetLinear on its source grid (edge/quant/transcode.py)."""
     from edge.quant.transcode import to_offset_linear
 
@@ -186,12 +188,13 @@ def _transcode(model: nn.Module, names: set[str], grids: dict, rows: dict[str, d
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         grid = grids[name]
-        setattr(parent, child, to_offset_linear(grid, parent.get_submodule(child).weight))
+        setattr(parent, child, to_offset_linear(grid, parent.get_submodule(child).weight, act_slice))
         rows[name]["scheme"] = f"8da4w-g{grid.group}-source-{grid.kind}"
         rows[name]["bits_per_weight"] = 4 + 16 / grid.group + 32 / grid.group
         rows[name]["realized"] = (
             f"{grid.kind} integers kept (q - 8 on XNNPACK's symmetric 4-bit kernel, bf16 group scales) plus"
             " per-group offsets in an fp32 linear over the inputs' group sums"
+            + (f"; activations scaled per {act_slice} inputs" if act_slice and act_slice < grid.q.shape[1] else "")
         )
 
 

@@ -112,7 +112,7 @@ class OffsetLinear(nn.Module):
     253,726,480 bytes with fp16 vs 253,710,736 with fp32.
     """
 
-    def __init__(self, main: nn.Linear, offset: torch.Tensor, group: int) -> None:
+    def __init__(self, main: nn.Linear | ColumnSplitLinear, offset: torch.Tensor, group: int) -> None:
         super().__init__()
         if main.in_features != offset.shape[1] * group or main.out_features != offset.shape[0]:
             raise ValueError(f"offset {tuple(offset.shape)} does not fit {main} with groups of {group}")
@@ -124,7 +124,7 @@ class OffsetLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # the model reads dtypes from it
-        return self.main.weight
+        return self.main.parts[0].weight if isinstance(self.main, ColumnSplitLinear) else self.main.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sums = x.unflatten(-1, (self.in_features // self.group, self.group)).sum(-1)

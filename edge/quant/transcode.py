@@ -168,18 +168,21 @@ def group_factors(grid: Grid, current: torch.Tensor, rtol: float = 1e-5) -> torc
     return f
 
 
-def to_offset_linear(grid: Grid, current: torch.Tensor | None = None):
+def to_offset_linear(grid: Grid, current: torch.Tensor | None = None, act_slice: int | None = None):
     """An OffsetLinear (edge/quant/split.py) holding an asymmetric 4-bit grid on XNNPACK's 8da4w kernel.
 
     current: the model's fp32 copy of this weight after folds (SmoothQuant); their per-group factors
     (group_factors) move into the group scales, so the grid stays exact. The group scales are rounded
     to bf16 as XNNPACK stores them; the offsets absorb the mean of that rounding error over each group
     (least squares over the group's q).
+
+    act_slice: split the main 8da4w linear into column slices of this many inputs (a multiple of the
+    group), so that each slice's activations get their own dynamic scale (Scheme.source_act_slice).
     """
     from torch import nn
 
     from edge.quant.apply import install_intx
-    from edge.quant.split import OffsetLinear
+    from edge.quant.split import ColumnSplitLinear, OffsetLinear
 
     if grid.minimum is None or grid.bits != 4:
         raise ValueError(f"{grid.kind}: only asymmetric 4-bit grids (Q4_K) become an OffsetLinear")
@@ -193,5 +196,12 @@ def to_offset_linear(grid: Grid, current: torch.Tensor | None = None):
     offset = 8.0 * scale - minimum + (scale - s16) * q.mean(-1)
     main = nn.Linear(cols, rows, bias=False, device="meta")
     main.weight = nn.Parameter((s16[..., None] * q).reshape(rows, cols).float(), requires_grad=False)
-    install_intx(main, bits=4, group=grid.group, scale=s16.float())
+    if act_slice and act_slice < cols:
+        if act_slice % grid.group or cols % act_slice:
+            raise ValueError(f"act_slice {act_slice} must divide {cols} in multiples of the group {grid.group}")
+        main, per = ColumnSplitLinear(main, act_slice), act_slice // grid.group
+        for i, part in enumerate(main.parts):
+            install_intx(part, bits=4, group=grid.group, scale=s16[:, i * per : (i + 1) * per].float().contiguous())
+    else:
+        install_intx(main, bits=4, group=grid.group, scale=s16.float())
     return OffsetLinear(main, offset.float(), grid.group)
