@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import check_lowering_adds_only_noise
 from edge import api
 from edge import bundle as bundle_mod
 from edge.models.tokenizer import Tokenizer
 from edge.quant.schemes import SCHEMES
 from edge.validate import golden
-from edge.validate.metrics import full_kld
 from edge.validate.stages import evaluate, runner_logits
 
 pytestmark = pytest.mark.slow
@@ -68,10 +68,10 @@ def lowered_vs_golden(bundles):
 
 
 def test_int4_meets_its_kld_band(lowered_vs_golden):
-    """The android default vs fp32: mean KLD within the band (0.03), met with margin: three exports of the
-    same scheme measured 0.0224, 0.0230, 0.0238. Top-1 (band 92%) is NOT reliably met: 92.3%, 92.9%,
-    91.1% -- exports that differ only in float rounding of a few bf16 scales flip near-ties -- so it is
-    guarded at 90% here and the validator's verdict says FAIL when it falls short. Before the mixed
+    """The android default vs fp32: mean KLD within the band (0.03), met with margin. Top-1 (band 92%)
+    varies between exports that differ only in float rounding (near-ties flip): 92.3%, 92.9%, 91.1%
+    before the Q4_K linears' activations were scaled per slice, 93.1% since (KLD 0.0204). It is guarded
+    at 90% here; the validator's verdict says FAIL when an export falls short of 92%. Before the mixed
     scheme: all-int4 HQQ + SmoothQuant 0.244 / 70.5%, round-to-nearest 0.68 / 55%."""
     o = lowered_vs_golden["int4"]["overall"]
     assert o["mean_kld"] <= SCHEMES["int4"].band.mean_kld, o
@@ -81,7 +81,7 @@ def test_int4_meets_its_kld_band(lowered_vs_golden):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="measured 253,710,736 bytes (model.pte + model.ptd) vs the GGUF's 253,113,024: 0.6 MB over, the Q4_K "
+    reason="measured 253,769,232 bytes (model.pte + model.ptd) vs the GGUF's 253,113,024: 0.66 MB over, the Q4_K "
     "offsets' fp32 storage (edge/quant/split.py, OffsetLinear); strict: fails loudly the day it fits",
 )
 def test_int4_fits_in_the_ggufs_size(bundles):
@@ -99,52 +99,48 @@ BOTH = [pytest.param("int8", marks=pytest.mark.full), "int4"]
 
 @pytest.mark.parametrize("q", BOTH)
 def test_lowering_adds_no_error_on_the_real_model(q, bundles, quantized_eager):
-    """The .pte vs the eager model of the same scheme, teacher-forced on prose, code and chat (229 positions).
-
-    Dynamic int8 activations make the quantized model chaotic: a 1e-7 difference in a float sum
-    flips the rounding of some activation, and the flip propagates. The eager model disagrees
-    with ITSELF (whole-prompt prefill vs token by token) by a mean KLD of a few 1e-3, so a fixed
-    1e-3 bound between two implementations cannot hold. Measured on the 270M: int8 lowered vs
-    eager 4.6e-3 with the eager floor at 3.0e-3 (XNNPACK's own qd8 rounding is a third draw of
-    the same noise). So: (1) pointwise within 2x the floor; (2) the artifact is no further from
-    fp32 than the eager model is, beyond the floor (no systematic error); (3) each quantized
-    linear lowers exactly (the next test). A real lowering error (a dropped scale, a wrong
-    rounding, a missing op) is far above all three.
-    """
-    from edge.runtime import replay
-    from edge.runtime.eager import EagerRunner
-
-    prompts = golden.load(bundles[q]["path"] + "/golden.npz")
+    """The .pte vs the eager model of the same scheme, teacher-forced on prose, code and chat (229
+    positions; the long prompt would take the eager model minutes token by token): within the dynamic
+    activations' noise (conftest.check_lowering_adds_only_noise), and each quantized linear lowers
+    exactly (the next test)."""
+    prompts = golden.load(bundles[q]["path"] + "/golden.npz")[:3]
     pte = api.open_runner(bundle_mod.load(bundles[q]["path"]))
-    eager = EagerRunner(quantized_eager[q])
-    lowered, floor, agree, self_agree, seen = [], [], [], [], {"eager": {}, "lowered": {}}
-    for p in prompts[:3]:
-        ids = [int(i) for i in p.ids]
-        want, got, prefilled = replay(eager, ids), replay(pte, ids), eager.all_logits(ids)
-        seen["eager"][tuple(ids)], seen["lowered"][tuple(ids)] = want, got
-        lowered.append(full_kld(want, got))
-        floor.append(full_kld(want, prefilled))
-        agree.append(want.argmax(-1) == got.argmax(-1))
-        self_agree.append(want.argmax(-1) == prefilled.argmax(-1))
-    kld, noise = np.concatenate(lowered).mean(), np.concatenate(floor).mean()
-    top1, top1_floor = np.concatenate(agree).mean(), np.concatenate(self_agree).mean()
-    print(f"{q}: lowered vs eager KLD {kld:.2e} top-1 {top1:.4f} (eager vs itself {noise:.2e}, {top1_floor:.4f})")
-    assert kld < max(SCHEMES[q].lowering_max_kld, 2 * noise), (kld, noise)
-    # For top-1: the artifact flips at most 3x as many positions as the eager model flips against
-    # itself. Flip counts over 229 positions are small and noisy: measured int4 flips vs eager's own,
-    # 13 vs 9 (here), 16 vs 7 (CI); 2x failed on the latter. A lowering error flips far more.
-    assert 1 - top1 <= max(1 - SCHEMES[q].lowering_min_top1, 3 * (1 - top1_floor)), (top1, top1_floor)
-    vs_fp32 = {
-        name: evaluate(prompts[:3], lambda ids, c=cache: c[tuple(ids)])["overall"]["mean_kld"]
-        for name, cache in seen.items()
-    }
-    print(f"{q}: vs fp32, eager {vs_fp32['eager']:.4f}, lowered {vs_fp32['lowered']:.4f}")
-    assert vs_fp32["lowered"] <= vs_fp32["eager"] + noise, vs_fp32
+    check_lowering_adds_only_noise(prompts, quantized_eager[q], pte, SCHEMES[q], q)
+
+
+def float_magnitude(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The size of the float sums a linear's kernels add up: what their rounding error scales with.
+
+    A float dot product's error is bounded by eps * sum |a_i b_i| (Higham, ch. 3), not by |sum a_i b_i|.
+    XNNPACK's dynamic int8 kernels sum (q_x - zp) * w as q_x * w - zp * w (the zero point folded
+    in float), so what they add up is |W| |x + zp * scale|: with activations far from symmetric
+    (a 270M mlp.down input) that is ~300x |W x|, and the lowered output sits ~5e-6 from eager
+    relative to |W x| while within 2e-8 of it relative to the sums -- float rounding, not a
+    lowering error. Measured on random 4-bit weights: 1e-8 to 4e-8 for symmetric, outlier-skewed
+    and all-positive inputs alike (a dropped or misrounded scale is > 1e-4).
+    """
+    from edge.quant.split import ColumnSplitLinear, OffsetLinear
+
+    if isinstance(mod, OffsetLinear):
+        sums = x.abs().unflatten(-1, (mod.in_features // mod.group, mod.group)).sum(-1)
+        return float_magnitude(mod.main, x) + sums @ mod.offset.weight.abs().T
+    if isinstance(mod, ColumnSplitLinear):
+        g = mod.group
+        return sum(float_magnitude(p, x[..., i * g : (i + 1) * g]) for i, p in enumerate(mod.parts))
+    w = mod.weight
+    if hasattr(w, "dequantize"):  # torchao: a dynamic int8 activation shifts x by XNNPACK's zero point
+        w = w.dequantize()
+        if getattr(mod.weight, "activation_quantization", None) is not None:
+            lo = x.amin(-1, keepdim=True).clamp(max=0)
+            hi = x.amax(-1, keepdim=True).clamp(min=0)
+            x = x.abs() + torch.maximum(lo.abs(), hi)  # |x + zp * scale| <= |x| + max(|lo|, hi)
+    return x.abs() @ w.abs().T
 
 
 @pytest.mark.parametrize("q", BOTH)
 def test_each_quantized_linear_lowers_exactly(q, quantized_eager, tmp_path):
-    """Real weights, real activations: one linear of each kind (and the head) lowered alone = eager."""
+    """Real weights, real activations: one linear of each kind (and the head) lowered alone = eager,
+    to float rounding of the sums its kernels add (float_magnitude)."""
     from executorch.runtime import Runtime
 
     from edge.targets import BACKENDS
@@ -165,9 +161,13 @@ def test_each_quantized_linear_lowers_exactly(q, quantized_eager, tmp_path):
         path = tmp_path / f"{n}.pte"
         path.write_bytes(lower_module(mods[n], (x,), BACKENDS["xnnpack"]))
         got = Runtime.get().load_program(str(path)).load_method("forward").execute([x])[0]
-        rel = ((got - want).norm() / want.norm()).item()
-        print(f"{q} {n}: |x| max {x.abs().max():.1f}, lowered vs eager relative error {rel:.1e}")
-        assert rel < 1e-5, (n, rel)
+        err = (got - want).norm()
+        rel, rel_sums = (err / want.norm()).item(), (err / float_magnitude(mods[n], x).norm()).item()
+        print(
+            f"{q} {n} ({type(mods[n]).__name__}): |x| max {x.abs().max():.1f}, lowered vs eager {rel:.1e} "
+            f"relative to the output, {rel_sums:.1e} to the sums"
+        )
+        assert rel_sums < 2e-7 and rel < 1e-4, (n, rel, rel_sums)
 
 
 @pytest.mark.full
