@@ -143,22 +143,18 @@ def check_lowering_adds_only_noise(prompts, model, runner, scheme, label: str) -
 
     from edge.runtime import replay
     from edge.runtime.eager import EagerRunner
-    from edge.validate.metrics import Observed, full_kld, per_position
-
-    def kld_vs_reference(p, logits):
-        targets = np.append(np.asarray(p.ids[1:], dtype=np.int64), -1)
-        return per_position(p.ref, Observed.from_logits(p.ref, logits, targets), targets)["kld"]
+    from edge.validate.metrics import full_kld
+    from edge.validate.stages import evaluate
 
     eager = EagerRunner(model)
-    pointwise, floor, vs_ref = [], [], {"eager": [], "lowered": []}
+    pointwise, floor, seen = [], [], {"eager": {}, "lowered": {}}
     flips = artifact_right = eager_right = 0
     for p in prompts:
         ids = [int(i) for i in p.ids]
         want, got, prefilled = replay(eager, ids), replay(runner, ids), eager.all_logits(ids)
         pointwise.append(full_kld(want, got))
         floor.append(full_kld(want, prefilled))
-        vs_ref["eager"].append(kld_vs_reference(p, want))
-        vs_ref["lowered"].append(kld_vs_reference(p, got))
+        seen["eager"][tuple(ids)], seen["lowered"][tuple(ids)] = want, got
         ref_top1, a, e = p.ref.topk_idx[:, 0], got.argmax(-1), want.argmax(-1)
         differ = a != e
         flips += int(differ.sum())
@@ -166,7 +162,7 @@ def check_lowering_adds_only_noise(prompts, model, runner, scheme, label: str) -
         eager_right += int((differ & (e == ref_top1)).sum())
     n = sum(len(p.ids) for p in prompts)
     kld, noise = np.concatenate(pointwise).mean(), np.concatenate(floor).mean()
-    ref = {k: np.concatenate(v).mean() for k, v in vs_ref.items()}
+    ref = {k: evaluate(prompts, lambda ids, c=c: c[tuple(ids)])["overall"]["mean_kld"] for k, c in seen.items()}
     print(
         f"{label}: lowered vs eager KLD {kld:.2e}, {flips}/{n} top-1 flips (eager vs itself {noise:.2e}); "
         f"vs fp32 KLD eager {ref['eager']:.4f} lowered {ref['lowered']:.4f}; where they differ, fp32 sides "
