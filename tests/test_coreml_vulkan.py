@@ -113,7 +113,9 @@ def test_vulkan_program_writes_the_cache_on_the_gpu(lowered):
     _, low, _ = lowered
     ops = vulkan_ops(low.program)
     assert ops["update_cache.default"] == 2 * LAYERS
-    assert ops["aten.linear.default"] == 7 * LAYERS + 1  # q k v o gate up down, and the head
+    # q k v o gate up down and the head; each RMSNorm's mean square (4 per layer, q_norm and k_norm,
+    # the final norm); RoPE's pair rotation of q and k
+    assert ops["aten.linear.default"] == (7 + 6 + 2) * LAYERS + 1 + 1
     assert not any("index_put" in op for op in ops)
 
 

@@ -19,12 +19,35 @@ Export-friendliness, decided up front:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edge.models.config import GemmaConfig
+
+_linear_forms = False
+
+
+@contextmanager
+def linear_forms() -> Iterator[None]:
+    """Trace RMSNorm's mean square and RoPE's rotate-half as small constant linears (ExecuTorch export).
+
+    The same values to float rounding, but ops that XNNPACK takes with a dynamic token count: it
+    refuses a mean over the last axis (MeanDimConfig: 4-D over dims 2 and 3 only) and any slice of a
+    tensor with a dynamic size (SliceCopyConfig), so each norm and each rotation cut the delegate
+    (on the 270M int4: 246 delegate calls; 48 with these forms and edge/targets/executorch.py's
+    infer_symbolic_view_dims). Not the default: eager keeps the reference's formulas, and LiteRT's and
+    ONNX's quantizers take every FULLY_CONNECTED / MatMul constant for a weight of the scheme.
+    """
+    global _linear_forms
+    kept, _linear_forms = _linear_forms, True
+    try:
+        yield
+    finally:
+        _linear_forms = kept
 
 
 class RMSNorm(nn.Module):
@@ -33,13 +56,29 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
+        self.dim = dim
         self.weight = nn.Parameter(torch.zeros(dim))
+        for name, value in self.constants().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """Non-persistent buffers (linear_forms), made again by Gemma.setup_cache when built on meta."""
+        return {
+            "inv_dim": torch.full((1, self.dim), 1.0 / self.dim, device="cpu"),
+            # eps as the linear's bias, not a following add: coremltools 9's fuse_linear_bias pass
+            # indexes the added constant's last axis and raises IndexError on a 0-d one.
+            "eps_bias": torch.full((1,), self.eps, device="cpu"),
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Computed in fp32 and multiplied by (1 + w) before casting back, as the reference does
         # (transformers PR 29402: Gemma is (x * w).to(dtype), not x.to(dtype) * w).
         xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if _linear_forms:  # on rows: litert-torch / coremltools mishandle a 4-D one (q_norm)
+            ms = F.linear((xf * xf).reshape(-1, self.dim), self.inv_dim, self.eps_bias).view(*x.shape[:-1], 1)
+        else:
+            ms = xf.pow(2).mean(-1, keepdim=True) + self.eps
+        out = xf * torch.rsqrt(ms)
         return (out * (1.0 + self.weight.float())).type_as(x)
 
 
@@ -59,10 +98,18 @@ def rope(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos, sin (T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+ROTATE_PAIR = ((0.0, -1.0), (1.0, 0.0))  # (x1, x2) -> (-x2, x1) as a linear: exact, one nonzero term per output
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos, sin (T, D); rotate: ROTATE_PAIR in x's dtype (linear_forms: a buffer, as a
+    constant made in the graph stays outside XNNPACK, which wants its linears' weights static)."""
+    B, H, T, D = x.shape
+    if _linear_forms:  # the halves paired by a view and a transpose, each pair rotated by a 2x2 linear
+        pairs = x.view(B, H, T, 2, D // 2).transpose(-1, -2).reshape(-1, 2)  # rows (x1_i, x2_i)
+        rotated = F.linear(pairs, rotate).view(B, H, T, D // 2, 2).transpose(-1, -2).reshape(B, H, T, D)
+    else:
+        rotated = torch.cat([-x[..., D // 2 :], x[..., : D // 2]], dim=-1)
     return x * cos + rotated * sin
 
 
@@ -96,6 +143,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.scale = cfg.query_pre_attn_scalar**-0.5
         self.cache: KVCache | None = None
+        for name, value in self.constants().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        return {"rotate": torch.tensor(ROTATE_PAIR, device="cpu")}
 
     def forward(
         self,
@@ -106,7 +158,8 @@ class Attention(nn.Module):
         mask: torch.Tensor,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x (B, T, dim); pos (T,); cos, sin (T, D); mask (T, S) additive. Returns (B, T, dim).
+        """x (B, T, dim); pos (T,); cos, sin (T, D); mask (G*T, S) additive, the (T, S) mask repeated
+        for each of the G query heads that share a KV head. Returns (B, T, dim).
 
         `cache` replaces the layer's own cache for this call (anything with KVCache.update's
         contract): how a functional export passes the cache in and out (edge/targets/litert.py)."""
@@ -117,20 +170,24 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rotate = self.rotate.to(q.dtype)
+        q, k = apply_rope(q, cos, sin, rotate), apply_rope(k, cos, sin, rotate)
         cache = cache if cache is not None else self.cache
         assert cache is not None, "call Gemma.setup_cache() first"
         k_all, v_all = cache.update(pos, k, v)  # (B, Hkv, S, D)
 
         # Fold: query heads j*G .. j*G+G-1 share KV head j (transformers' repeat_kv order), so
         # (B, Hq, T, D) -> (B, Hkv, G*T, D) attends to k_all with no K/V expansion.
-        qf = q.reshape(B, self.n_kv, G * T, self.hd)
-        scores = torch.matmul(qf, k_all.transpose(2, 3)) * self.scale  # (B, Hkv, G*T, S)
+        # 3-D bmm, not a 4-D matmul: torch.matmul broadcasts through an expand of the token-sized
+        # operand, which XNNPACK does not take with a dynamic size.
+        S = k_all.shape[2]
+        qf = q.reshape(B * self.n_kv, G * T, self.hd)
+        scores = torch.bmm(qf, k_all.reshape(B * self.n_kv, S, self.hd).transpose(1, 2)) * self.scale
         if self.cfg.attn_softcap is not None:
             scores = torch.tanh(scores / self.cfg.attn_softcap) * self.cfg.attn_softcap
-        scores = scores + mask.repeat(G, 1)  # mask (T, S) -> (G*T, S), same for every group
+        scores = scores + mask  # (B*Hkv, G*T, S) + (G*T, S): the same mask for every group
         probs = F.softmax(scores.float(), dim=-1).type_as(q)
-        out = torch.matmul(probs, v_all)  # (B, Hkv, G*T, D)
+        out = torch.bmm(probs, v_all.reshape(B * self.n_kv, S, self.hd))  # (B*Hkv, G*T, D)
         out = out.reshape(B, self.n_heads, T, self.hd).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         return self.wo(out)
 
@@ -203,11 +260,14 @@ class Gemma(nn.Module):
         self.setup_cache(max_seq_len, max_batch)
 
     def setup_cache(self, max_seq_len: int, max_batch: int = 1, dtype: torch.dtype | None = None) -> None:
-        """(Re)allocate the KV caches for max_seq_len positions, and the RoPE frequencies."""
+        """(Re)allocate the KV caches for max_seq_len positions, the RoPE frequencies and the modules' constants."""
         dtype = dtype or self.embed.weight.dtype
         self.max_seq_len = max_seq_len
         for layer in self.layers:
             layer.attn.cache = KVCache(max_batch, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype)
+        for m in self.modules():
+            for name, value in getattr(m, "constants", dict)().items():
+                m.register_buffer(name, value, persistent=False)
         for name, theta in (("global", self.cfg.rope_theta), ("local", self.cfg.rope_local_theta)):
             self.register_buffer(f"rope_inv_freq_{name}", rope_inv_freq(self.cfg.head_dim, theta), persistent=False)
 
@@ -243,7 +303,8 @@ class Gemma(nn.Module):
         tables = {}
         for local, name, mask in ((False, "global", global_mask), (True, "local", local_mask)):
             cos, sin = rope(pos, getattr(self, f"rope_inv_freq_{name}"))
-            tables[local] = (cos.to(dtype), sin.to(dtype), mask)  # (T, D), (T, D), (T, S)
+            G = self.cfg.n_heads // self.cfg.n_kv_heads  # the mask repeated once here, not in every layer
+            tables[local] = (cos.to(dtype), sin.to(dtype), mask.repeat(G, 1))  # (T, D), (T, D), (G*T, S)
         for i, layer in enumerate(self.layers):
             cos, sin, mask = tables[layer.local]
             x = layer(x, pos, cos, sin, mask, caches[i] if caches is not None else None)

@@ -31,9 +31,16 @@ class EagerRunner:
         return self._forward([token])
 
     @torch.no_grad()
-    def all_logits(self, ids: list[int]) -> np.ndarray:
-        """Logits at every position of one sequence (T, V), from an empty cache (for validation)."""
+    def all_logits(self, ids: list[int], chunk: int | None = None) -> np.ndarray:
+        """Logits at every position of one sequence (T, V), from an empty cache (for validation).
+
+        chunk: feed the sequence `chunk` tokens per call through the cache (the same model, other
+        matmul shapes: what its float rounding alone moves); default, all at once."""
         self.reset()
-        out = self.model(torch.tensor([ids], dtype=torch.int64), torch.tensor([0]), all_logits=True)
+        chunk = chunk or len(ids)
+        out = [
+            self.model(torch.tensor([ids[a : a + chunk]]), torch.tensor([a]), all_logits=True)[0]
+            for a in range(0, len(ids), chunk)
+        ]
         self.pos = len(ids)
-        return out[0].float().numpy()
+        return torch.cat(out).float().numpy()

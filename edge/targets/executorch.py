@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edge.models.gemma import KVCache
+from edge.models.gemma import KVCache, linear_forms
 from edge.targets import Backend
 
 
@@ -228,12 +228,42 @@ def _backend_config(external_weights: bool = False):
     )
 
 
+def infer_symbolic_view_dims(gm: torch.fx.GraphModule):
+    """Rewrite `view(x, [1, s0, 4, 256])` as `view(x, [1, -1, 4, 256])`: the same tensor, but lowerable.
+
+    torch.export writes the token count into each reshape as a symbolic size, and XNNPACK's
+    partitioner refuses any view with a symbolic size (ViewCopyConfig: "Symbolic reshape is not
+    supported") while it takes one inferred (-1) dimension (op_view_copy.py serializes -1 as
+    XNNPACK's dynamic 0). Every head split and merge then ran outside the delegate, cutting each
+    layer into several delegate calls (each a partition to compile at export and a hand-off at run
+    time). With exactly one symbolic size and the rest static, -1 names the same shape.
+    """
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from executorch.exir.pass_base import PassResult
+
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != exir_ops.edge.aten.view_copy.default:
+            continue
+        shape = list(node.args[1])
+        symbolic = [i for i, d in enumerate(shape) if not isinstance(d, int)]
+        if len(symbolic) == 1 and -1 not in shape:
+            shape[symbolic[0]] = -1
+            node.args = (node.args[0], shape, *node.args[2:])
+            changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return PassResult(gm, changed)
+
+
 def _lower(ep, backend: Backend, meta: dict | None = None):
     import executorch.kernels.quantized  # noqa: F401  (out variants of quantized_decomposed::embedding_*)
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     return to_edge_transform_and_lower(
         ep,
+        transform_passes=[infer_symbolic_view_dims],
         partitioner=_partitioners(backend),
         compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
         constant_methods=meta,
@@ -267,6 +297,7 @@ def export(
         stages.run("export", "torch.export of forward(tokens, input_pos)"),
         torch.no_grad(),
         kv_writes_for(model, backend) as kv_write,
+        linear_forms(),
     ):
         ep = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=True)
         # index_copy_ (the cache write) has no ExecuTorch kernel: decompose it to index_put.
