@@ -7,7 +7,7 @@ from torch import nn
 from conftest import random_calibration
 from edge.quant.apply import quantize_model
 from edge.quant.schemes import SCHEMES
-from edge.quant.split import ColumnSplitLinear, split_linears
+from edge.quant.split import ColumnSplitLinear, lookup, split_linears
 
 
 def test_split_linear_computes_the_same_product():
@@ -93,3 +93,19 @@ def test_slices_widen_to_keep_the_graph_small():
     for n, g in ((2304, 64), (9216, 128), (6912, 128), (1152, 64)):
         w = slice_width(n, g)
         assert n % w == 0 and w % g == 0 and n // w <= MAX_SLICES
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-hqq"])
+def test_lookup_dequantizes_only_the_rows_read_to_the_same_values(scheme):
+    """edge.quant.split.lookup vs torchao's own embedding (which dequantizes the whole table)."""
+    from test_export_executorch import tiny_model
+
+    m = tiny_model(n_kv_heads=2, seed=7)
+    quantize_model(m, SCHEMES[scheme], random_calibration(m.cfg.vocab_size))
+    tables = getattr(m.embed, "parts", [m.embed])
+    tokens = torch.tensor([[5, 9, 200, 5, 17], [0, 255, 3, 3, 1]])
+    for t in tables:
+        assert hasattr(t.weight, "qdata")  # a torchao integer table: the gathered path is the one tested
+        got, want = lookup(t, tokens), t(tokens)
+        assert got.shape == want.shape == (2, 5, t.embedding_dim)
+        assert torch.equal(got, want)

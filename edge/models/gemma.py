@@ -295,7 +295,10 @@ class Gemma(nn.Module):
         T = tokens.shape[1]
         pos = input_pos[:1] + torch.arange(T, dtype=torch.int64, device=tokens.device)  # (T,)
         # Embeddings are stored unscaled; the reference multiplies by sqrt(dim) in the weights' dtype.
-        x = self.embed(tokens) * torch.tensor(math.sqrt(self.cfg.dim), dtype=self.embed.weight.dtype)  # (B, T, dim)
+        from edge.quant.split import lookup  # torchao-free module; imported here to keep gemma.py's imports light
+
+        x = lookup(self.embed, tokens) if isinstance(self.embed, nn.Embedding) else self.embed(tokens)
+        x = x * torch.tensor(math.sqrt(self.cfg.dim), dtype=self.embed.weight.dtype)  # (B, T, dim)
         if self.embed_rescale is not None:
             x = x * self.embed_rescale
         global_mask, local_mask = self.masks(pos)
