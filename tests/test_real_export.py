@@ -99,10 +99,10 @@ BOTH = [pytest.param("int8", marks=pytest.mark.full), "int4"]
 
 @pytest.mark.parametrize("q", BOTH)
 def test_lowering_adds_no_error_on_the_real_model(q, bundles, quantized_eager):
-    """The .pte vs the eager model of the same scheme, teacher-forced on prose, code and chat (229
-    positions; the long prompt would take the eager model minutes token by token): within the dynamic
-    activations' noise (conftest.check_lowering_adds_only_noise), and each quantized linear lowers
-    exactly (the next test)."""
+    """The .pte (token by token) vs the eager model of the same scheme (one prefill), teacher-forced
+    on prose, code and chat (229 positions; eager's floor, token by token, on the first): within
+    the dynamic activations' noise (conftest.check_lowering_adds_only_noise), and each quantized
+    linear lowers exactly (the next test)."""
     prompts = golden.load(bundles[q]["path"] + "/golden.npz")[:3]
     pte = api.open_runner(bundle_mod.load(bundles[q]["path"]))
     check_lowering_adds_only_noise(prompts, quantized_eager[q], pte, SCHEMES[q], q)
