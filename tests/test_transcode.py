@@ -151,6 +151,7 @@ def test_without_grids_int4_rounds_wo_with_gptq():
     assert rows["embed"].get("shared_with")
 
 
+@pytest.mark.full  # CI lowers the real 270M's transcoded int4 (tests/test_real_export.py); ~4 min here
 def test_a_transcoded_model_lowers_without_error(tmp_path):
     model, grids = grid_model()
     quantize_model(model, SCHEMES["int4"], random_calibration(256), grids=grids)
