@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge.models.config import GemmaConfig
+from edge.quant.split import lookup
 
 _linear_forms = False
 
@@ -295,8 +296,6 @@ class Gemma(nn.Module):
         T = tokens.shape[1]
         pos = input_pos[:1] + torch.arange(T, dtype=torch.int64, device=tokens.device)  # (T,)
         # Embeddings are stored unscaled; the reference multiplies by sqrt(dim) in the weights' dtype.
-        from edge.quant.split import lookup  # torchao-free module; imported here to keep gemma.py's imports light
-
         x = lookup(self.embed, tokens) if isinstance(self.embed, nn.Embedding) else self.embed(tokens)
         x = x * torch.tensor(math.sqrt(self.cfg.dim), dtype=self.embed.weight.dtype)  # (B, T, dim)
         if self.embed_rescale is not None:
@@ -304,9 +303,9 @@ class Gemma(nn.Module):
         global_mask, local_mask = self.masks(pos)
         dtype = self.embed.weight.dtype
         tables = {}
+        G = self.cfg.n_heads // self.cfg.n_kv_heads  # each mask repeated once here, not in every layer
         for local, name, mask in ((False, "global", global_mask), (True, "local", local_mask)):
             cos, sin = rope(pos, getattr(self, f"rope_inv_freq_{name}"))
-            G = self.cfg.n_heads // self.cfg.n_kv_heads  # the mask repeated once here, not in every layer
             tables[local] = (cos.to(dtype), sin.to(dtype), mask.repeat(G, 1))  # (T, D), (T, D), (G*T, S)
         for i, layer in enumerate(self.layers):
             cos, sin, mask = tables[layer.local]
