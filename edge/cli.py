@@ -242,6 +242,13 @@ def _print_validation(r: dict) -> None:
                 f"({w['positions']} positions); past it KLD {p['mean_kld']:.5f} top-1 {p['top1']:.4f} "
                 f"({p['positions']})"
             )
+    for name, s in r["stages"].items():
+        if "vs_previous" in s:
+            c = s["vs_previous"]
+            typer.echo(
+                f"  {name} vs {c['stage']}: mean KLD {c['mean_kld']:.5f} (max {c['max_kld']:.4f}), top-1 agreement "
+                f"{c['top1_agreement']:.4f} ({c['top1_flips']} of {c['positions']} positions moved)"
+            )
     typer.echo("probes: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in r["probes"].items()))
     typer.echo(r["kld_note"])
     v = r["verdict"]

@@ -11,7 +11,7 @@ from conftest import REGISTER
 from edge.errors import EdgeError
 from edge.validate import golden
 from edge.validate import stages as st
-from edge.validate.metrics import Observed, Reference, full_kld, per_position
+from edge.validate.metrics import Observed, Reference, between, full_kld, per_position
 from edge.validate.run import validate, verdict
 
 
@@ -39,6 +39,36 @@ def test_every_host_stage_is_scored(validated):
     assert {"within_window", "past_window"} <= set(r["stages"]["lowered"])
     assert r["probes"] == {"bos_first": True, "tokenizer_matches_golden": True}
     assert r["verdict"]["final_stage"] == "lowered" and r["verdict"]["passed"] in (True, False)
+
+
+def test_each_stage_is_compared_with_the_one_before_it(validated):
+    """vs_previous: what one step changed, pointwise. Re-authored is our fp32 model, the golden file's
+    source, so it equals the reference stage to float rounding; int8 moves the logits more than that."""
+    r, _ = validated
+    st_ = r["stages"]
+    assert "vs_previous" not in st_["reference"]
+    assert [st_[s]["vs_previous"]["stage"] for s in ("re-authored", "quantized", "lowered")] == [
+        "reference", "re-authored", "quantized"]  # fmt: skip
+    fp32 = st_["re-authored"]["vs_previous"]
+    assert fp32["mean_kld"] < 1e-6 and fp32["top1_flips"] == 0
+    q = st_["quantized"]["vs_previous"]
+    assert q["mean_kld"] > 100 * fp32["mean_kld"] and q["positions"] == st_["quantized"]["overall"]["positions"]
+    # re-authored is what golden.npz holds: quantized vs it is quantized vs the reference, over the same ids
+    assert q["mean_kld"] == pytest.approx(st_["quantized"]["overall"]["mean_kld"], rel=1e-3)
+
+
+def test_stage_against_stage_is_the_exact_kld_when_k_covers_the_vocabulary():
+    rng = np.random.default_rng(2)
+    ref_logits = rng.normal(0, 3, (12, 64)).astype(np.float32)
+    a_logits = ref_logits + rng.normal(0, 0.3, ref_logits.shape).astype(np.float32)
+    b_logits = a_logits + rng.normal(0, 0.3, ref_logits.shape).astype(np.float32)
+    ref = Reference.from_logits(ref_logits, k=64)
+    targets = np.append(rng.integers(0, 64, 11), -1)
+    a, b = (Observed.from_logits(ref, x, targets) for x in (a_logits, b_logits))
+    c = between(a, b)
+    assert np.allclose(c["kld"], full_kld(a_logits, b_logits), rtol=1e-4, atol=1e-7)
+    assert np.array_equal(c["same_top1"], (a_logits.argmax(-1) == b_logits.argmax(-1)).astype(float))
+    assert np.allclose(between(a, a)["kld"], 0, atol=1e-9)
 
 
 def test_device_dump_reads_back_exactly(validated, tiny_bundle):

@@ -147,8 +147,9 @@ SCHEMES: dict[str, Scheme] = {
             "int4",
             "mixed 4/8-bit within the 4-bit GGUF's size: one int8 table for the lookup and the head (8da8w per"
             " channel, stored once); linears whose source is Q4_K keep their integers exactly (8da4w g32 plus"
-            " per-group offsets); attn.wq and the seven least sensitive mlp.gate at int4 g32 rounded by GPTQ;"
-            " the rest 8da8w per channel; SmoothQuant scales folded in (group-constant where a grid is kept)",
+            " per-group offsets); attn.wq, attn.wo (the 270M's are all Q4_K) and the seven least sensitive"
+            " mlp.gate at int4 g32 rounded by GPTQ where not; the rest 8da8w per channel; SmoothQuant scales"
+            " folded in (group-constant where a grid is kept)",
             _w(8, None),
             _w(8, None),
             _w(8, None, act=Act.FLOAT),

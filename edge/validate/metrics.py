@@ -62,6 +62,9 @@ class Observed:
 
     FIELDS = ("at_ref_topk", "lse", "argmax", "top5", "at_target")
 
+    def logp_at_ref_topk(self) -> np.ndarray:
+        return self.at_ref_topk.astype(np.float64) - self.lse[:, None]
+
     @classmethod
     def from_logits(cls, ref: Reference, logits: np.ndarray, targets: np.ndarray) -> Observed:
         logits = np.asarray(logits, dtype=np.float32)
@@ -78,25 +81,47 @@ class Observed:
         )
 
 
+def bucket_kld(lp_k: np.ndarray, lq_k: np.ndarray) -> np.ndarray:
+    """Per-position KLD(p || q) over k named ids plus one bucket for the rest of the vocabulary.
+
+    lp_k, lq_k (T, k): the two distributions' log-probs at the same ids. By the log-sum inequality
+    this is a lower bound of the full KLD, tight when the k ids carry nearly all of p's mass.
+    """
+    p_k = np.exp(lp_k)
+    tail_p = np.clip(1.0 - p_k.sum(-1), 0.0, 1.0)
+    tail_q = np.clip(1.0 - np.exp(lq_k).sum(-1), 1e-30, 1.0)
+    tail = np.where(tail_p > 0, tail_p * (np.log(np.maximum(tail_p, 1e-30)) - np.log(tail_q)), 0.0)
+    return np.maximum((p_k * (lp_k - lq_k)).sum(-1) + tail, 0.0)
+
+
+def between(before: Observed, after: Observed) -> dict[str, np.ndarray]:
+    """Per position, what one stage changed against the stage before it (not against the reference):
+    KLD(before || after) over the reference's top-k ids plus a tail bucket, and whether the argmax moved.
+
+    The pointwise view of "what lowering added": two stages can sit at the same mean KLD from the
+    reference while disagreeing with each other at many positions.
+    """
+    return {
+        "kld": bucket_kld(before.logp_at_ref_topk(), after.logp_at_ref_topk()),
+        "same_top1": (before.argmax == after.argmax).astype(np.float64),
+    }
+
+
 def per_position(ref: Reference, obs: Observed, targets: np.ndarray) -> dict[str, np.ndarray]:
     """Per-position metrics of the logits under test (as Observed) against the reference.
 
     targets (T,): the next golden token at each position, -1 at the last.
     """
-    lq_k = obs.at_ref_topk.astype(np.float64) - obs.lse[:, None]
+    lq_k = obs.logp_at_ref_topk()
     lp_k = ref.topk_logp  # (T, k)
-    p_k = np.exp(lp_k)
-    tail_p = np.clip(1.0 - p_k.sum(-1), 0.0, 1.0)
-    tail_q = np.clip(1.0 - np.exp(lq_k).sum(-1), 1e-30, 1.0)
-    tail = np.where(tail_p > 0, tail_p * (np.log(np.maximum(tail_p, 1e-30)) - np.log(tail_q)), 0.0)
-    kld = (p_k * (lp_k - lq_k)).sum(-1) + tail
+    kld = bucket_kld(lp_k, lq_k)
     ref_top5 = ref.topk_idx[:, :5]
     overlap = np.array([len(set(a) & set(b)) / 5 for a, b in zip(obs.top5.tolist(), ref_top5.tolist(), strict=True)])
     lq_t = obs.at_target.astype(np.float64) - obs.lse
     hit = ref.topk_idx == np.where(targets >= 0, targets, -2)[:, None]
     lp_t = np.where(hit.any(-1), (lp_k * hit).sum(-1), np.nan)
     return {
-        "kld": np.maximum(kld, 0.0),
+        "kld": kld,
         "top1": (obs.argmax == ref.topk_idx[:, 0]).astype(np.float64),
         "top5_overlap": overlap,
         "max_abs_dlogit": np.abs(obs.at_ref_topk - ref.topk_logit).max(-1),

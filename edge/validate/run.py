@@ -7,7 +7,8 @@ Stages, in chain order (shared/DESIGN.md):
   lowered      the bundle's artifact in its runtime    (what lowering adds)
   device       logits dumped on a device               (what the device's runtime adds)
 
-Each stage is scored against golden.npz on the golden positions. The verdict uses the scheme's
+Each stage is scored against golden.npz on the golden positions, and against the stage before it
+(`vs_previous`: pointwise KLD and argmax moves, what that one step changed). The verdict uses the scheme's
 band (edge/quant/schemes.py) on the last stage; when it fails, the first stage whose own metrics
 break the band is named, with its increment over the stage before it.
 
@@ -214,6 +215,7 @@ def validate(
         )
 
     results: dict[str, dict] = {}
+    seen: dict[str, dict] = {}  # each stage's Observed, to compare a stage with the one before it
     host: dict = {}
     cap = manifest["arch"].get("final_softcap")
     what = {
@@ -244,17 +246,25 @@ def validate(
         except ValueError as e:
             raise EdgeError(f"{stage}: {e}", hint="dump the logits again with this bundle") from e
         results[stage]["what"] = WHAT[stage].format(**what)
+        if seen:
+            prev = list(seen)[-1]
+            results[stage]["vs_previous"] = {"stage": prev} | st.compare(seen[prev], observed)
+        seen[stage] = observed
         if cap:
             results[stage]["softcap"] = softcap_peaks(observed, cap)
         o = results[stage]["overall"]
         say(f"  mean KLD {o['mean_kld']:.5f}  top-1 {o['top1']:.4f}  max |dlogit| {o['max_abs_dlogit']:.3g}")
+        if "vs_previous" in results[stage]:
+            c = results[stage]["vs_previous"]
+            say(f"  vs {c['stage']}: mean KLD {c['mean_kld']:.5f}, {c['top1_flips']} of {c['positions']} argmax moved")
     return {
         "bundle": str(path),
         "variant": manifest["variant"],
         "scheme": what["scheme"],
         "backend": manifest["backend"],
         "window": window,
-        "kld_note": "KLD over the reference's top-128 plus one tail bucket: a lower bound of the full KLD",
+        "kld_note": "KLD over the reference's top-128 plus one tail bucket: a lower bound of the full KLD"
+        " (vs_previous: a stage against the stage before it, over the same ids)",
         "probes": probes(manifest, prompts)
         | ({"final_softcap": all(r["softcap"]["ok"] for r in results.values())} if cap else {}),
         "stages": results,
