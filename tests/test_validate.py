@@ -194,3 +194,47 @@ def test_softcap_probe_catches_logits_beyond_gemma2s_cap():
     uncapped = np.arctanh(np.clip(capped / 2.0, -0.999999, 0.999999)) * 2.0  # the tanh undone
     bad = softcap_peaks({"p": Observed.from_logits(ref, uncapped, targets)}, 2.0)
     assert not bad["ok"] and bad["max_abs_logit"] > 2.0
+
+
+def test_a_lowering_bug_is_caught_and_named(device_bundles, tmp_path):
+    """An artifact whose weights were changed after export (as a lossy conversion would): every host
+    stage before it stays within the fp32 band, the lowered stage breaks it, the verdict names it,
+    and its comparison with the eager stage before it shows the jump, not only its distance from fp32."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    bad = tmp_path / "bad-onnx"
+    shutil.copytree(device_bundles["onnx"]["path"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    path = bad / manifest["artifact"]
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    # torch.onnx names the transposed projections val_N: the first 2-D one after the table is layer 0's
+    name = next(
+        n for n, t in inits.items()
+        if len(t.dims) == 2 and min(t.dims) > 1 and "embed" not in n and t.data_type == onnx.TensorProto.FLOAT
+    )  # fmt: skip
+    w = numpy_helper.to_array(inits[name])
+    # noise at 5% of the weights' spread (a mere rescale would vanish in Gemma 3's q/k RMSNorm)
+    noise = np.random.default_rng(0).normal(0, 0.05 * w.std(), w.shape).astype(np.float32)
+    inits[name].CopyFrom(numpy_helper.from_array(w + noise, name))
+    onnx.save(model, str(path))
+    manifest["files"][path.name] = {"sha256": bundle_sha(path), "bytes": path.stat().st_size}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+
+    r = validate(bad, stages=["reference", "re-authored", "quantized", "lowered"])
+    s = r["stages"]
+    for clean in ("reference", "re-authored", "quantized"):
+        assert s[clean]["overall"]["max_abs_dlogit"] < 1e-3, clean
+    assert r["verdict"]["passed"] is False and r["verdict"]["culprit"] == "lowered", r["verdict"]
+    assert "lowered added mean KLD" in r["verdict"]["sentence"]
+    assert s["lowered"]["vs_previous"]["stage"] == "quantized"
+    assert s["lowered"]["vs_previous"]["mean_kld"] > 1e4 * s["quantized"]["vs_previous"]["mean_kld"]
+
+
+def bundle_sha(path) -> str:
+    from edge.bundle import sha256
+
+    return sha256(path)
