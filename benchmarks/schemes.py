@@ -24,7 +24,7 @@ EDGE = [sys.executable, "-m", "edge"]
 
 def model_files(manifest: dict) -> list[str]:
     weights = manifest["io"].get("weights_file")
-    return [manifest["artifact"], *([weights] if weights else [])]
+    return [manifest["artifact"], *([weights["file"]] if weights else [])]
 
 
 def export(backend: str, target: str, quant: str, out: Path) -> dict:

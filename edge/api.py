@@ -309,7 +309,11 @@ def export(
         tok = loaded.tokenizer
         vocab = max(tok.vocab_size, v.config.vocab_size)
         meta = impl.metadata(v.config, max_seq_len, tok.bos_id, tok.stop_ids, vocab, not plan.backend.static_shapes)
-        extra = {"external_weights": True} if scheme.shared_table else {}  # executorch only (scheme lists)
+        # The lookup and the head hold the same bytes (the tied fp32 table as is, or a shared int8 table):
+        # ExecuTorch stores them once only in an external weights file (targets/executorch._external_weights).
+        tied_fp32 = not scheme.quantized and v.config.tie_embeddings and plan.backend.name == "xnnpack"
+        same_bytes = scheme.shared_table or tied_fp32
+        extra = {"external_weights": True} if same_bytes else {}  # executorch only (scheme and backend lists)
         if on_quantized is not None:
             on_quantized(model)
         lowered = impl.export(model, max_seq_len, plan.backend, meta, stages, **extra)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import random_calibration, tiny_config
+from edge import api
 from edge.models.config import Family
 from edge.models.gemma import Gemma
 from edge.models.weights import assign, random_tensors
@@ -57,14 +58,23 @@ def test_fp32_pte_matches_eager_prefill_and_40_decode_steps(tmp_path, n_kv_heads
     assert low.delegation["delegate_calls"] > 0
 
 
-def test_pte_has_the_runner_contract(tmp_path):
-    path, low = lower(tiny_model(), tmp_path)
-    pte = PteRunner(path)
+def test_fp32_bundle_has_the_runner_contract_and_its_tied_table_once(tmp_path):
+    """`edge export --quant fp32` on XNNPACK: the stock runner's methods, and the tied table (lookup and
+    head, the same bytes) stored once in model.ptd; inside a .pte it was written twice (2x the table)."""
+    b = api.export(
+        "tiny-test", "linux", "xnnpack", "fp32", random_weights=True, max_seq_len=MAX_SEQ, out=tmp_path / "b"
+    )
+    pte = api.open_runner(b)
     assert {"forward", "get_max_seq_len", "get_max_context_len", "use_kv_cache", "enable_dynamic_shape",
             "get_eos_ids", "get_bos_id", "get_vocab_size"} <= set(pte.program.method_names)  # fmt: skip
     assert pte.constant("get_max_seq_len") == MAX_SEQ and pte.constant("enable_dynamic_shape") is True
     assert pte.max_T == MAX_SEQ - 1
-    assert low.io["methods"]["forward"]["inputs"][1]["shape"] == [1]
+    assert b["io"]["methods"]["forward"]["inputs"][1]["shape"] == [1]
+    arch = b["arch"]
+    assert arch["tie_embeddings"]
+    table = arch["vocab_size"] * arch["dim"] * 4
+    assert b["io"]["weights_file"]["file"] == "model.ptd"
+    assert table < b["files"]["model.ptd"]["bytes"] < 1.1 * table and b["files"]["model.pte"]["bytes"] < 1e6
 
 
 # CI: the scheme exports default to (int4; the real 270M int4 chain runs in CI too); the rest in
