@@ -127,7 +127,11 @@ INT4_GATES = (15, 16, 13, 8, 7, 14, 9)
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
-        Scheme("fp32", "no quantization", None, None, None, Band(max_abs_logit=1e-3)),
+        # fp32 artifacts differ from eager only by float rounding, which 18 layers of large activations
+        # amplify: the 270M's XNNPACK .pte sits at mean KLD 1.6e-6, top-1 99.88% (1 near-tie of 841) and
+        # max |dlogit| 0.028 from eager (summation order of other GEMM kernels; eager vs transformers is
+        # < 1e-3). The band is what rounding cannot reach and any real lowering error does.
+        Scheme("fp32", "no quantization", None, None, None, Band(max_abs_logit=0.1, mean_kld=1e-4, top1=0.99)),
         Scheme(
             "int8",
             "int8 weights with dynamic int8 activations (8da8w) on every linear and the head, SmoothQuant"
