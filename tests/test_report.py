@@ -41,9 +41,13 @@ def synthetic_result(noise: dict[str, float] | None = None, band: dict | None = 
     def noisy(sd: float):
         return lambda ids: ref_logits[tuple(ids)] + rng.normal(0, sd, ref_logits[tuple(ids)].shape)
 
-    stages = {}
+    stages, before = {}, None
     for stage, sd in noise.items():
-        stages[stage] = st.evaluate(golden, noisy(sd), window) | {"what": f"{stage}, synthetic"}
+        observed = st.observe(golden, noisy(sd))
+        stages[stage] = st.score(golden, observed, window) | {"what": f"{stage}, synthetic"}
+        if before is not None:  # as validate() does: each stage against the one before it
+            stages[stage]["vs_previous"] = {"stage": list(stages)[-2]} | st.compare(before, observed)
+        before = observed
         peak = max(float(np.abs(ref_logits[k]).max()) for k in ref_logits)
         stages[stage]["softcap"] = {"cap": 30.0, "max_abs_logit": np.float32(peak), "ok": peak <= 30.0}
     stages["device"]["prompts"]["chat"]["ppl_ratio"] = float("nan")  # a metric that could not be measured
@@ -171,6 +175,10 @@ def test_every_number_cell_is_the_json_value(written):
         for where, row in rows.items():
             for key, _ in COLUMNS:
                 assert key in row and f"stages.{name}.{where}.{key}" in keys
+        if name != "reference":  # each later stage against the one before it, pointwise
+            assert {f"stages.{name}.vs_previous.{k}" for k in ("mean_kld", "max_kld", "top1_agreement")} <= keys
+    assert "vs_previous" not in data["stages"]["reference"]
+    assert data["stages"]["device"]["vs_previous"]["mean_kld"] > data["stages"]["lowered"]["vs_previous"]["mean_kld"]
     assert {"verdict.passed", "verdict.sentence", "kld_note", "bundle", "probes.final_softcap"} <= keys
     assert data["verdict"]["passed"] is False and data["verdict"]["culprit"] == "quantized"
     page = html.read_text()

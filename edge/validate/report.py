@@ -83,7 +83,7 @@ def fmt(key: str, value) -> str:
         return "ok" if value else "FAILED"
     if key == "positions":
         return str(int(value))
-    if key in ("top1", "top5_overlap", "ppl_ratio"):
+    if key in ("top1", "top5_overlap", "ppl_ratio", "top1_agreement"):
         return f"{value:.4f}"
     if key in ("cap", "max_abs_logit"):
         return f"{value:.6g}"
@@ -344,6 +344,22 @@ def _stage_th(name: str, what: str | None) -> str:
     return f"<th>{sw}{escape(name)}{sub}</th>"
 
 
+# vs_previous (a stage against the stage before it) in the stage table's columns; top-1 = same argmax
+VS_PREVIOUS = {"positions": "positions", "mean_kld": "mean_kld", "p99_kld": "p99_kld", "max_kld": "max_kld",
+               "top1": "top1_agreement"}  # fmt: skip
+
+
+def _vs_previous_row(name: str, c: dict) -> str:
+    cells = "".join(
+        _num(f"stages.{name}.vs_previous.{VS_PREVIOUS[k]}", c[VS_PREVIOUS[k]])
+        if k in VS_PREVIOUS
+        else '<td class="na" title="not measured">—</td>'
+        for k, _ in COLUMNS
+    )
+    what = f"vs {c['stage']}, pointwise (top-1: same argmax)"
+    return f'<tr class="sub vs" data-side="vs_previous"><th>{escape(what)}</th>{cells}</tr>'
+
+
 def _stage_table(r: dict, band: dict) -> str:
     window = r.get("window")
     rows = []
@@ -352,6 +368,8 @@ def _stage_table(r: dict, band: dict) -> str:
         rows.append(
             f"<tr>{_stage_th(name, s.get('what'))}{_row_cells(f'stages.{name}.overall', s['overall'], band)}</tr>"
         )
+        if "vs_previous" in s:
+            rows.append(_vs_previous_row(name, s["vs_previous"]))
         for side, label in (("within_window", "within"), ("past_window", "past")):
             if side in s:
                 what = f"{label} the sliding window" + (f" ({window})" if window else "")
