@@ -205,6 +205,8 @@ def test_a_lowering_bug_is_caught_and_named(device_bundles, tmp_path):
     import onnx
     from onnx import numpy_helper
 
+    from edge.bundle import sha256
+
     bad = tmp_path / "bad-onnx"
     shutil.copytree(device_bundles["onnx"]["path"], bad)
     manifest = json.loads((bad / "manifest.json").read_text())
@@ -221,7 +223,7 @@ def test_a_lowering_bug_is_caught_and_named(device_bundles, tmp_path):
     noise = np.random.default_rng(0).normal(0, 0.05 * w.std(), w.shape).astype(np.float32)
     inits[name].CopyFrom(numpy_helper.from_array(w + noise, name))
     onnx.save(model, str(path))
-    manifest["files"][path.name] = {"sha256": bundle_sha(path), "bytes": path.stat().st_size}
+    manifest["files"][path.name] = {"sha256": sha256(path), "bytes": path.stat().st_size}
     (bad / "manifest.json").write_text(json.dumps(manifest))
 
     r = validate(bad, stages=["reference", "re-authored", "quantized", "lowered"])
@@ -232,9 +234,3 @@ def test_a_lowering_bug_is_caught_and_named(device_bundles, tmp_path):
     assert "lowered added mean KLD" in r["verdict"]["sentence"]
     assert s["lowered"]["vs_previous"]["stage"] == "quantized"
     assert s["lowered"]["vs_previous"]["mean_kld"] > 1e4 * s["quantized"]["vs_previous"]["mean_kld"]
-
-
-def bundle_sha(path) -> str:
-    from edge.bundle import sha256
-
-    return sha256(path)

@@ -131,14 +131,19 @@ def per_position(ref: Reference, obs: Observed, targets: np.ndarray) -> dict[str
     }
 
 
-def summarize(pp: dict[str, np.ndarray]) -> dict[str, float]:
-    """One row of the report: mean / p99 / max KLD, top-1, top-5 overlap, RMS dp, perplexity ratio, max |dlogit|."""
-    kld = pp["kld"]
-    row = {
+def kld_stats(kld: np.ndarray) -> dict[str, float]:
+    """Positions, mean / p99 / max of per-position KLDs: the first columns of every report row."""
+    return {
         "positions": int(kld.size),
         "mean_kld": float(kld.mean()),
         "p99_kld": float(np.percentile(kld, 99)),
         "max_kld": float(kld.max()),
+    }
+
+
+def summarize(pp: dict[str, np.ndarray]) -> dict[str, float]:
+    """One row of the report: mean / p99 / max KLD, top-1, top-5 overlap, RMS dp, perplexity ratio, max |dlogit|."""
+    row = kld_stats(pp["kld"]) | {
         "top1": float(pp["top1"].mean()),
         "top5_overlap": float(pp["top5_overlap"].mean()),
         "max_abs_dlogit": float(pp["max_abs_dlogit"].max()),

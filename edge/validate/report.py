@@ -115,9 +115,11 @@ def _breaks(key: str, value, band: dict) -> bool:
     return False
 
 
-def _row_cells(path: str, row: dict, band: dict) -> str:
+def _row_cells(path: str, row: dict, band: dict, renamed: dict[str, str] | None = None) -> str:
+    """One cell per column; `renamed` maps a column to the key its value has in this row."""
     out = []
-    for key, _ in COLUMNS:
+    for col, _ in COLUMNS:
+        key = (renamed or {}).get(col, col)
         if key in row:
             out.append(_num(f"{path}.{key}", row[key], "bad" if _breaks(key, row[key], band) else ""))
         else:
@@ -344,18 +346,9 @@ def _stage_th(name: str, what: str | None) -> str:
     return f"<th>{sw}{escape(name)}{sub}</th>"
 
 
-# vs_previous (a stage against the stage before it) in the stage table's columns; top-1 = same argmax
-VS_PREVIOUS = {"positions": "positions", "mean_kld": "mean_kld", "p99_kld": "p99_kld", "max_kld": "max_kld",
-               "top1": "top1_agreement"}  # fmt: skip
-
-
 def _vs_previous_row(name: str, c: dict) -> str:
-    cells = "".join(
-        _num(f"stages.{name}.vs_previous.{VS_PREVIOUS[k]}", c[VS_PREVIOUS[k]])
-        if k in VS_PREVIOUS
-        else '<td class="na" title="not measured">—</td>'
-        for k, _ in COLUMNS
-    )
+    """A stage against the stage before it (no band: the band is against fp32); top-1 = same argmax."""
+    cells = _row_cells(f"stages.{name}.vs_previous", c, {}, renamed={"top1": "top1_agreement"})
     what = f"vs {c['stage']}, pointwise (top-1: same argmax)"
     return f'<tr class="sub vs" data-side="vs_previous"><th>{escape(what)}</th>{cells}</tr>'
 

@@ -215,7 +215,7 @@ def validate(
         )
 
     results: dict[str, dict] = {}
-    seen: dict[str, dict] = {}  # each stage's Observed, to compare a stage with the one before it
+    before: tuple[str, dict] | None = None  # the previous stage and its Observed (vs_previous)
     host: dict = {}
     cap = manifest["arch"].get("final_softcap")
     what = {
@@ -246,10 +246,9 @@ def validate(
         except ValueError as e:
             raise EdgeError(f"{stage}: {e}", hint="dump the logits again with this bundle") from e
         results[stage]["what"] = WHAT[stage].format(**what)
-        if seen:
-            prev = list(seen)[-1]
-            results[stage]["vs_previous"] = {"stage": prev} | st.compare(seen[prev], observed)
-        seen[stage] = observed
+        if before is not None:
+            results[stage]["vs_previous"] = {"stage": before[0]} | st.compare(before[1], observed)
+        before = (stage, observed)
         if cap:
             results[stage]["softcap"] = softcap_peaks(observed, cap)
         o = results[stage]["overall"]

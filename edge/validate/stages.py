@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edge.validate.golden import GoldenPrompt
-from edge.validate.metrics import Observed, between, per_position, summarize
+from edge.validate.metrics import Observed, between, kld_stats, per_position, summarize
 
 LogitsFn = Callable[[list[int]], np.ndarray]  # ids -> (T, V) logits at every position
 
@@ -72,14 +72,7 @@ def compare(before: dict[str, Observed], after: dict[str, Observed]) -> dict:
     pp = [between(before[n], after[n]) for n in names]
     kld = np.concatenate([p["kld"] for p in pp])
     same = np.concatenate([p["same_top1"] for p in pp])
-    return {
-        "positions": int(kld.size),
-        "mean_kld": float(kld.mean()),
-        "p99_kld": float(np.percentile(kld, 99)),
-        "max_kld": float(kld.max()),
-        "top1_agreement": float(same.mean()),
-        "top1_flips": int((same == 0).sum()),
-    }
+    return kld_stats(kld) | {"top1_agreement": float(same.mean()), "top1_flips": int((same == 0).sum())}
 
 
 def evaluate(prompts: list[GoldenPrompt], logits_fn: LogitsFn, window: int | None = None) -> dict:
