@@ -32,7 +32,8 @@ def main() -> None:
     kinds = tuple(args.kinds.split(","))
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(kinds)]
     f = GGUFFile(loaded.gguf_path)
-    grid = {gguf_to_ours(g)[0].removesuffix(".weight"): t.ggml_type.name for g, t in f.tensors.items() if gguf_to_ours(g)}
+    ours = {g: gguf_to_ours(g) for g in f.tensors}
+    grid = {ours[g][0].removesuffix(".weight"): t.ggml_type.name for g, t in f.tensors.items() if ours[g]}
     kld = sensitivity(model, calibration(loaded.tokenizer, model.cfg.vocab_size), names, progress=counter("linears"))
     print(f"{'linear':24s} {'source':6s} {'KLD int4 alone':>14s}")
     for name in sorted(kld, key=kld.get):
