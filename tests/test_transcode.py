@@ -10,8 +10,8 @@ from test_export_executorch import lower, tiny_model
 from conftest import random_calibration
 from edge.quant.apply import quantize_model
 from edge.quant.schemes import SCHEMES
-from edge.quant.split import ColumnSplitLinear, OffsetLinear
-from edge.quant.transcode import BLOCK_BYTES, Grid, decode, to_offset_linear
+from edge.quant.split import ColumnSplitLinear, OffsetLinear, PlaneSum
+from edge.quant.transcode import BLOCK_BYTES, Grid, decode, rtn_grid, to_offset_linear, to_plane_linear
 from edge.runtime import replay
 from edge.runtime.eager import EagerRunner
 from edge.runtime.pte import PteRunner
@@ -53,10 +53,15 @@ def q4k_grid(rows: int, cols: int, seed: int = 0) -> Grid:
     return Grid("Q4_K", q, scale, 32, 4, minimum)
 
 
+def _dequantized(main) -> torch.Tensor:
+    if isinstance(main, PlaneSum):
+        return _dequantized(main.hi) + _dequantized(main.lo)
+    parts = main.parts if isinstance(main, ColumnSplitLinear) else [main]
+    return torch.cat([p.weight.dequantize() for p in parts], dim=1)
+
+
 def effective_weight(lin: OffsetLinear) -> torch.Tensor:
-    parts = lin.main.parts if isinstance(lin.main, ColumnSplitLinear) else [lin.main]
-    w = torch.cat([p.weight.dequantize() for p in parts], dim=1)
-    return w + lin.offset.weight.repeat_interleave(lin.group, dim=1)
+    return _dequantized(lin.main) + lin.offset.weight.repeat_interleave(lin.group, dim=1)
 
 
 def test_an_offset_linear_keeps_the_q4k_integers():
@@ -105,6 +110,45 @@ def test_activation_slices_keep_the_grid_and_lower_exactly(tmp_path):
     assert ((got - sliced(x)).norm() / sliced(x).norm()) < 1e-5
     with pytest.raises(ValueError, match="multiples of the group"):
         to_offset_linear(grid, act_slice=48)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0"])
+def test_a_q8_0_or_q5_0_grid_held_as_two_4bit_planes_round_trips_exactly(kind):
+    """Issue 7's transcoding check: max |delta| = 0 where the scales are bf16 values (XNNPACK's)."""
+    raw = random_blocks(kind, 8, 256, seed=3)
+    grid = decode(kind, raw, 8, 256)
+    assert grid.q.min() < -8 and grid.q.max() > 7  # needs more than one 4-bit plane
+    grid.scale = grid.scale.to(torch.bfloat16).float()
+    lin = to_plane_linear(grid)
+    assert isinstance(lin.main, PlaneSum)
+    for plane in (lin.main.hi, lin.main.lo):
+        assert -8 <= plane.weight.qdata.min() and plane.weight.qdata.max() <= 7
+    assert torch.equal(effective_weight(lin), grid.dequantize())
+    # The GGUF's own fp16 scales: only their bf16 rounding (2^-9 relative at most), its mean in the offsets.
+    fp16 = decode(kind, raw, 8, 256)
+    want = fp16.dequantize()
+    assert 0 < (effective_weight(to_plane_linear(fp16)) - want).norm() / want.norm() < 2e-3
+
+
+def test_plane_linears_lower_exactly_and_rtn_grids_take_them_too(tmp_path):
+    from executorch.runtime import Runtime
+
+    from edge.targets import BACKENDS
+    from edge.targets.executorch import lower_module
+
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(2))
+    grid = rtn_grid(w, 32)
+    assert grid.q.abs().max() == 127 and (grid.dequantize() - w).abs().max() <= grid.scale.max() / 2 + 1e-7
+    lin = to_plane_linear(grid, act_slice=64)
+    assert isinstance(lin.main.hi, ColumnSplitLinear)  # each plane sliced alike
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    assert ((lin(x) - x @ w.T).norm() / (x @ w.T).norm()) < 2e-2  # int8 g32 weights, int8 activations
+    path = tmp_path / "planes.pte"
+    path.write_bytes(lower_module(lin, (x,), BACKENDS["xnnpack"]))
+    got = Runtime.get().load_program(str(path)).load_method("forward").execute([x])[0]
+    assert ((got - lin(x)).norm() / lin(x).norm()) < 1e-5
+    with pytest.raises(ValueError, match="groups of a multiple of 32"):
+        to_plane_linear(rtn_grid(w, 16))
 
 
 def test_a_fold_that_breaks_the_grid_is_refused():

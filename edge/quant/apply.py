@@ -85,12 +85,18 @@ def _site_consumers(site: str) -> list[str]:
 def transcodable(scheme: Scheme, coverage: list[dict], grids: dict | None) -> set[str]:
     """The linears held exactly on their source's 4-bit grid: a Q4_K source (edge/quant/transcode.py),
     a scheme that gives it >= 4 bits with dynamic activations (8da4w is the kernel that holds it)."""
-    if not scheme.source_grids or not grids:
+    from edge.quant.transcode import PLANE_KINDS
+
+    if not grids:
         return set()
     out = set()
     for r in coverage:
         q, g = scheme.quant_for(r["name"]), grids.get(r["name"])
-        if g is not None and g.kind == "Q4_K" and q is not None and q.bits >= 4 and q.act == Act.DYNAMIC_INT8:
+        if g is None or q is None or q.act != Act.DYNAMIC_INT8:
+            continue
+        if (scheme.source_grids and g.kind == "Q4_K" and q.bits >= 4) or (
+            scheme.source_planes and g.kind in PLANE_KINDS and q.bits == 8
+        ):
             out.add(r["name"])
     return out
 
@@ -182,19 +188,26 @@ def _transcode(
     model: nn.Module, names: set[str], grids: dict, rows: dict[str, dict], act_slice: int | None = None
 ) -> None:
     """Replace each named linear by an OffsetLinear on its source grid (edge/quant/transcode.py)."""
-    from edge.quant.transcode import to_offset_linear
+    from edge.quant.transcode import to_offset_linear, to_plane_linear
 
     for name in sorted(names):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         grid = grids[name]
-        setattr(parent, child, to_offset_linear(grid, parent.get_submodule(child).weight, act_slice))
-        rows[name]["scheme"] = f"8da4w-g{grid.group}-source-{grid.kind}"
-        rows[name]["bits_per_weight"] = 4 + 16 / grid.group + 32 / grid.group
+        sliced = f"; activations scaled per {act_slice} inputs" if act_slice and act_slice < grid.q.shape[1] else ""
+        if grid.minimum is not None:  # Q4_K: one 4-bit plane
+            setattr(parent, child, to_offset_linear(grid, parent.get_submodule(child).weight, act_slice))
+            rows[name]["scheme"] = f"8da4w-g{grid.group}-source-{grid.kind}"
+            rows[name]["bits_per_weight"] = 4 + 16 / grid.group + 32 / grid.group
+            held = "q - 8 on XNNPACK's symmetric 4-bit kernel, bf16 group scales"
+        else:  # Q8_0 / Q5_0: two 4-bit planes
+            setattr(parent, child, to_plane_linear(grid, parent.get_submodule(child).weight, act_slice))
+            rows[name]["scheme"] = f"8da8w-g{grid.group}-source-{grid.kind}"
+            rows[name]["bits_per_weight"] = 8 + 32 / grid.group + 32 / grid.group
+            held = "q - 8 = 16 h + l as two planes on XNNPACK's symmetric 4-bit kernel, bf16 group scales"
         rows[name]["realized"] = (
-            f"{grid.kind} integers kept (q - 8 on XNNPACK's symmetric 4-bit kernel, bf16 group scales) plus"
-            " per-group offsets in an fp32 linear over the inputs' group sums"
-            + (f"; activations scaled per {act_slice} inputs" if act_slice and act_slice < grid.q.shape[1] else "")
+            f"{grid.kind} integers kept ({held}) plus per-group offsets in an fp32 linear over the inputs'"
+            " group sums" + sliced
         )
 
 

@@ -77,6 +77,9 @@ class Scheme:
     # Linears whose source is a Q4_K grid (GGUF input) keep its integers exactly, as 8da4w with
     # per-group offsets (edge/quant/transcode.py), wherever this scheme gives them >= 4 bits.
     source_grids: bool = False
+    # Linears whose source is a symmetric grid in groups of 32 (Q8_0, Q5_0) keep its integers exactly
+    # as two 4-bit planes (edge/quant/split.py, PlaneSum), wherever this scheme gives them 8 bits.
+    source_planes: bool = False
     # ... with their dynamic int8 activations scaled per slice of this many inputs rather than per
     # whole row (the main 8da4w linear split by columns, edge/quant/split.py): no bytes added, the
     # group scales are the same. Measured on the 270M int4, eager: KLD 0.0222 / top-1 91.2% per row,

@@ -62,6 +62,29 @@ class ColumnSplitLinear(nn.Module):
         return out
 
 
+class PlaneSum(nn.Module):
+    """y = hi(x) + lo(x): an 8-bit grouped weight held as two 4-bit planes on XNNPACK's 8da4w kernel.
+
+    XNNPACK has no grouped int8 kernel but a grouped 4-bit one (qb4w, groups of a multiple of 32).
+    An int8 q in [-128, 127] is 16 h + l + 8 with h, l in [-8, 7], so s * q per group is
+    (16 s) * h + s * l plus the per-group constant 8 s (an OffsetLinear's offset): `hi` holds h with
+    scales 16 s, `lo` holds l with scales s (edge/quant/transcode.py, to_plane_linear). Two 4-bit
+    GEMMs read as many weight bytes as one int8 GEMM, with group scales instead of one per row.
+    """
+
+    def __init__(self, hi: nn.Linear, lo: nn.Linear) -> None:
+        super().__init__()
+        self.hi, self.lo = hi, lo
+        self.in_features, self.out_features = hi.in_features, hi.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # the model reads dtypes from it
+        return self.hi.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hi(x) + self.lo(x)
+
+
 class ColumnSplitEmbedding(nn.Module):
     """A lookup over the column slices of a (tied) head: row t = cat_i parts[i].weight[t].
 
@@ -112,7 +135,7 @@ class OffsetLinear(nn.Module):
     253,726,480 bytes with fp16 vs 253,710,736 with fp32.
     """
 
-    def __init__(self, main: nn.Linear | ColumnSplitLinear, offset: torch.Tensor, group: int) -> None:
+    def __init__(self, main: nn.Linear | ColumnSplitLinear | PlaneSum, offset: torch.Tensor, group: int) -> None:
         super().__init__()
         if main.in_features != offset.shape[1] * group or main.out_features != offset.shape[0]:
             raise ValueError(f"offset {tuple(offset.shape)} does not fit {main} with groups of {group}")

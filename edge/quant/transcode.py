@@ -121,17 +121,19 @@ def _grid(kind: str, q: np.ndarray, scale: np.ndarray, rows: int, cols: int, gro
 
 def grids_for(loaded, scheme) -> dict[str, Grid] | None:
     """The source grids a scheme keeps (Scheme.source_grids), for weights loaded from a GGUF; else None."""
-    if not scheme.source_grids or loaded.gguf_path is None:
+    if not (scheme.source_grids or scheme.source_planes) or loaded.gguf_path is None:
         return None
-    return source_grids(loaded.gguf_path)
+    kinds = (("Q4_K",) if scheme.source_grids else ()) + (PLANE_KINDS if scheme.source_planes else ())
+    return source_grids(loaded.gguf_path, kinds=kinds)
 
 
 def source_grids(gguf_path, names: set[str] | None = None, kinds: tuple[str, ...] = ("Q4_K",)) -> dict[str, Grid]:
     """Our linear name -> its Grid, for the GGUF's 2-D weights of the given kinds (default: Q4_K).
 
     Only Q4_K by default: it is the one grid a quantized scheme here stores exactly at fewer bits
-    than 8 (Q8_0 / Q5_0 / Q6_K need int8 groups, which XNNPACK lacks: they are re-rounded to int8
-    per channel, see the scheme table).
+    than 8. Q8_0 / Q5_0 need int8 groups of 32, which XNNPACK holds only as two 4-bit planes
+    (to_plane_linear, Scheme.source_planes); Q6_K's groups of 16 it cannot hold (qb4w needs groups
+    of a multiple of 32).
     """
     from edge.models.weights.gguf import gguf_to_ours
 
@@ -205,3 +207,61 @@ def to_offset_linear(grid: Grid, current: torch.Tensor | None = None, act_slice:
     else:
         install_intx(main, bits=4, group=grid.group, scale=s16.float())
     return OffsetLinear(main, offset.float(), grid.group)
+
+
+PLANE_KINDS = ("Q8_0", "Q5_0")  # symmetric grids in groups of 32 that two 4-bit planes hold exactly
+
+
+def rtn_grid(w: torch.Tensor, group: int) -> Grid:
+    """Round-to-nearest int8 in groups of `group` (symmetric, absmax scale): for linears with no source
+    grid a plane linear can hold (a Q6_K's groups of 16, weights not from a GGUF)."""
+    rows, cols = w.shape
+    g = w.detach().double().reshape(rows, -1, group)
+    scale = (g.abs().amax(-1) / 127).clamp(min=1e-12)
+    q = torch.round(g / scale[..., None]).clamp(-128, 127).to(torch.int8).reshape(rows, cols)
+    return Grid("rtn", q, scale.float(), group, 8)
+
+
+def to_plane_linear(grid: Grid, current: torch.Tensor | None = None, act_slice: int | None = None):
+    """An OffsetLinear over a PlaneSum (edge/quant/split.py): a symmetric int8 grid in groups of 32
+    held as two 4-bit planes, q = 16 h + l + 8 with h, l in [-8, 7], on XNNPACK's 8da4w kernel.
+
+    As in to_offset_linear: folds (current) move into the group scales, the scales are rounded to
+    bf16 as XNNPACK stores them (16 s is then bf16 too), and the offsets (8 s per group) also absorb
+    the mean of the bf16 rounding error over each group. The integers are the grid's own.
+    """
+    from torch import nn
+
+    from edge.quant.apply import install_intx
+    from edge.quant.split import ColumnSplitLinear, OffsetLinear, PlaneSum
+
+    if grid.minimum is not None or grid.group % 32:
+        raise ValueError(f"{grid.kind}: plane linears hold symmetric grids in groups of a multiple of 32")
+    rows, cols = grid.q.shape
+    scale = grid.scale.double()
+    if current is not None:
+        scale = scale * group_factors(grid, current)
+    s16 = scale.to(torch.bfloat16).double()
+    q = grid.q.long().reshape(rows, -1, grid.group)
+    t = q - 8  # in [-136, 119]
+    lo = torch.remainder(t + 8, 16) - 8
+    hi = (t - lo) // 16
+    assert int(hi.min()) >= -8 and int(hi.max()) <= 7
+    offset = 8.0 * scale + (scale - s16) * t.double().mean(-1)
+
+    def plane(v: torch.Tensor, s: torch.Tensor) -> nn.Linear:
+        lin = nn.Linear(cols, rows, bias=False, device="meta")
+        lin.weight = nn.Parameter((s[..., None] * v.double()).reshape(rows, cols).float(), requires_grad=False)
+        return lin
+
+    planes = []
+    for v, s in ((hi, 16.0 * s16), (lo, s16)):
+        lin = plane(v, s)
+        if act_slice and act_slice < cols:
+            lin, per = ColumnSplitLinear(lin, act_slice), act_slice // grid.group
+            for i, part in enumerate(lin.parts):
+                install_intx(part, bits=4, group=grid.group, scale=s[:, i * per : (i + 1) * per].float().contiguous())
+        else:
+            install_intx(lin, bits=4, group=grid.group, scale=s.float())
+        planes.append(lin)
+    return OffsetLinear(PlaneSum(*planes), offset.float(), grid.group)
