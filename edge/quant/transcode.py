@@ -181,10 +181,7 @@ def to_offset_linear(grid: Grid, current: torch.Tensor | None = None, act_slice:
     act_slice: split the main 8da4w linear into column slices of this many inputs (a multiple of the
     group), so that each slice's activations get their own dynamic scale (Scheme.source_act_slice).
     """
-    from torch import nn
-
-    from edge.quant.apply import install_intx
-    from edge.quant.split import ColumnSplitLinear, OffsetLinear
+    from edge.quant.split import OffsetLinear
 
     if grid.minimum is None or grid.bits != 4:
         raise ValueError(f"{grid.kind}: only asymmetric 4-bit grids (Q4_K) become an OffsetLinear")
@@ -196,25 +193,38 @@ def to_offset_linear(grid: Grid, current: torch.Tensor | None = None, act_slice:
     s16 = scale.to(torch.bfloat16).double()
     q = grid.q.double().reshape(rows, -1, grid.group)
     offset = 8.0 * scale - minimum + (scale - s16) * q.mean(-1)
-    main = nn.Linear(cols, rows, bias=False, device="meta")
-    main.weight = nn.Parameter((s16[..., None] * q).reshape(rows, cols).float(), requires_grad=False)
+    return OffsetLinear(_four_bit_linear(q, s16, act_slice), offset.float(), grid.group)
+
+
+def _four_bit_linear(q: torch.Tensor, s16: torch.Tensor, act_slice: int | None):
+    """An 8da4w linear holding s16 * q, q (rows, groups, group) in [-8, 7] and s16 (rows, groups) bf16
+    values; with act_slice, as column slices of that many inputs (each slice its own activation scale)."""
+    from torch import nn
+
+    from edge.quant.apply import install_intx
+    from edge.quant.split import ColumnSplitLinear
+
+    rows, groups, group = q.shape
+    cols = groups * group
+    lin = nn.Linear(cols, rows, bias=False, device="meta")
+    lin.weight = nn.Parameter((s16[..., None] * q.double()).reshape(rows, cols).float(), requires_grad=False)
     if act_slice and act_slice < cols:
-        if act_slice % grid.group or cols % act_slice:
-            raise ValueError(f"act_slice {act_slice} must divide {cols} in multiples of the group {grid.group}")
-        main, per = ColumnSplitLinear(main, act_slice), act_slice // grid.group
-        for i, part in enumerate(main.parts):
-            install_intx(part, bits=4, group=grid.group, scale=s16[:, i * per : (i + 1) * per].float().contiguous())
+        if act_slice % group or cols % act_slice:
+            raise ValueError(f"act_slice {act_slice} must divide {cols} in multiples of the group {group}")
+        lin, per = ColumnSplitLinear(lin, act_slice), act_slice // group
+        for i, part in enumerate(lin.parts):
+            install_intx(part, bits=4, group=group, scale=s16[:, i * per : (i + 1) * per].float().contiguous())
     else:
-        install_intx(main, bits=4, group=grid.group, scale=s16.float())
-    return OffsetLinear(main, offset.float(), grid.group)
+        install_intx(lin, bits=4, group=group, scale=s16.float())
+    return lin
 
 
 PLANE_KINDS = ("Q8_0", "Q5_0")  # symmetric grids in groups of 32 that two 4-bit planes hold exactly
 
 
 def rtn_grid(w: torch.Tensor, group: int) -> Grid:
-    """Round-to-nearest int8 in groups of `group` (symmetric, absmax scale): for linears with no source
-    grid a plane linear can hold (a Q6_K's groups of 16, weights not from a GGUF)."""
+    """Round-to-nearest int8 in groups of `group` (symmetric, absmax scale): a grid for weights with no
+    source grid a plane linear can hold (not from a GGUF, or a Q6_K, whose groups of 16 it cannot)."""
     rows, cols = w.shape
     g = w.detach().double().reshape(rows, -1, group)
     scale = (g.abs().amax(-1) / 127).clamp(min=1e-12)
@@ -230,38 +240,19 @@ def to_plane_linear(grid: Grid, current: torch.Tensor | None = None, act_slice: 
     bf16 as XNNPACK stores them (16 s is then bf16 too), and the offsets (8 s per group) also absorb
     the mean of the bf16 rounding error over each group. The integers are the grid's own.
     """
-    from torch import nn
-
-    from edge.quant.apply import install_intx
-    from edge.quant.split import ColumnSplitLinear, OffsetLinear, PlaneSum
+    from edge.quant.split import OffsetLinear, PlaneSum
 
     if grid.minimum is not None or grid.group % 32:
         raise ValueError(f"{grid.kind}: plane linears hold symmetric grids in groups of a multiple of 32")
-    rows, cols = grid.q.shape
+    rows, _ = grid.q.shape
     scale = grid.scale.double()
     if current is not None:
         scale = scale * group_factors(grid, current)
     s16 = scale.to(torch.bfloat16).double()
     q = grid.q.long().reshape(rows, -1, grid.group)
-    t = q - 8  # in [-136, 119]
-    lo = torch.remainder(t + 8, 16) - 8
-    hi = (t - lo) // 16
+    lo = torch.remainder(q, 16) - 8  # q - 8 = 16 hi + lo
+    hi = (q - 8 - lo) // 16
     assert int(hi.min()) >= -8 and int(hi.max()) <= 7
-    offset = 8.0 * scale + (scale - s16) * t.double().mean(-1)
-
-    def plane(v: torch.Tensor, s: torch.Tensor) -> nn.Linear:
-        lin = nn.Linear(cols, rows, bias=False, device="meta")
-        lin.weight = nn.Parameter((s[..., None] * v.double()).reshape(rows, cols).float(), requires_grad=False)
-        return lin
-
-    planes = []
-    for v, s in ((hi, 16.0 * s16), (lo, s16)):
-        lin = plane(v, s)
-        if act_slice and act_slice < cols:
-            lin, per = ColumnSplitLinear(lin, act_slice), act_slice // grid.group
-            for i, part in enumerate(lin.parts):
-                install_intx(part, bits=4, group=grid.group, scale=s[:, i * per : (i + 1) * per].float().contiguous())
-        else:
-            install_intx(lin, bits=4, group=grid.group, scale=s.float())
-        planes.append(lin)
+    offset = 8.0 * scale + (scale - s16) * (q - 8).double().mean(-1)
+    planes = [_four_bit_linear(hi, 16.0 * s16, act_slice), _four_bit_linear(lo, s16, act_slice)]
     return OffsetLinear(PlaneSum(*planes), offset.float(), grid.group)
