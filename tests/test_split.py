@@ -7,7 +7,7 @@ from torch import nn
 from conftest import random_calibration
 from edge.quant.apply import quantize_model
 from edge.quant.schemes import SCHEMES
-from edge.quant.split import ColumnSplitLinear, lookup, split_linears
+from edge.quant.split import ActResidual, ColumnSplitLinear, lookup, split_linears
 
 
 def test_split_linear_computes_the_same_product():
@@ -64,10 +64,14 @@ def test_int8_scheme_splits_its_grouped_sites_and_says_so():
     rows = {r["name"]: r for r in quantize_model(model, scheme, random_calibration(model.cfg.vocab_size))}
     down_q = scheme.quant_for("layers.0.mlp.down")
     assert down_q.group and scheme.head.group  # the grouped sites of the scheme
-    down = model.layers[0].mlp.down
+    down = model.layers[0].mlp.down  # one residual for all its slices, each slice on its own scale
+    assert isinstance(down, ActResidual) and down.group == down_q.group
+    down = down.lin
     assert isinstance(down, ColumnSplitLinear) and down.group == down_q.group
-    assert isinstance(model.lm_head, ColumnSplitLinear) and model.lm_head.group == scheme.head.group
-    assert isinstance(model.layers[0].attn.wq, nn.Linear)  # per channel: not split
+    assert isinstance(model.lm_head.lin, ColumnSplitLinear) and model.lm_head.lin.group == scheme.head.group
+    wq = model.layers[0].attn.wq  # per channel: not split; its activations go in as x and residual rows
+    assert isinstance(wq, ActResidual) and isinstance(wq.lin, nn.Linear)
+    assert "residual" in rows["layers.0.mlp.down"]["activations"]
     assert "slices of" in rows["layers.0.mlp.down"]["realized"]
     assert rows["layers.0.mlp.down"]["scheme"] == f"8da8w-g{down_q.group}-rtn"
     assert rows["layers.0.attn.wq"]["scheme"] == "8da8w-per-channel-rtn" and "realized" not in rows["layers.0.attn.wq"]
@@ -88,9 +92,9 @@ def test_overrides_pick_the_linears_they_name():
 def test_slices_widen_to_keep_the_graph_small():
     from edge.quant.split import MAX_SLICES, slice_width
 
-    assert slice_width(640, 64) == 64 and slice_width(2048, 128) == 128  # the 270M: as the scheme says
-    assert slice_width(2304, 64) == 192 and slice_width(9216, 128) == 768  # gemma2-2b: widened
-    for n, g in ((2304, 64), (9216, 128), (6912, 128), (1152, 64)):
+    assert slice_width(640, 32) == 32 and slice_width(2048, 128) == 128  # the 270M: as the scheme says
+    assert slice_width(2304, 32) == 128 and slice_width(9216, 128) == 512  # gemma2-2b: widened
+    for n, g in ((2304, 32), (9216, 128), (6912, 128), (1152, 32)):
         w = slice_width(n, g)
         assert n % w == 0 and w % g == 0 and n // w <= MAX_SLICES
 

@@ -92,6 +92,9 @@ def transcodable(scheme: Scheme, coverage: list[dict], grids: dict | None) -> se
     out = set()
     for r in coverage:
         q, g = scheme.quant_for(r["name"]), grids.get(r["name"])
+        # The lookup is no linear; a shared table's head is the lookup's int8 rows (_share_table).
+        if r["name"] == "embed" or (r["name"] == "lm_head" and scheme.shared_table):
+            continue
         if g is None or q is None or q.act != Act.DYNAMIC_INT8:
             continue
         if (scheme.source_grids and g.kind == "Q4_K" and q.bits >= 4) or (
@@ -171,6 +174,13 @@ def quantize_model(
             raise ValueError(f"scheme {scheme.name!r} rounds with GPTQ: pass calibration token ids")
         _gptq(model, scheme, gptq, calib, rows, progress and progress("GPTQ layers"))
     _bf16_group_scales(model)
+    if scheme.act_residual:
+        from edge.quant.split import wrap_act_residual
+
+        wrapped = wrap_act_residual(model)
+        for r in coverage:
+            if any(w == r["name"] or w.startswith(r["name"] + ".") for w in wrapped):
+                r["activations"] = "dynamic int8, twice: x and its rounding residual, two rows of one call"
     return coverage
 
 

@@ -85,6 +85,9 @@ class Scheme:
     # group scales are the same. Measured on the 270M int4, eager: KLD 0.0222 / top-1 91.2% per row,
     # 0.0215 / 92.4% in slices of 512, 0.0213 / 92.2% of 256.
     source_act_slice: int | None = None
+    # Every dynamic-int8 linear takes two rows, x and its int8 rounding residual (edge/quant/split.py,
+    # ActResidual): activations as good as float on XNNPACK, whose int8 kernels all quantize them.
+    act_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.shared_table:
@@ -140,18 +143,21 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("fp32", "no quantization", None, None, None, Band(max_abs_logit=0.1, mean_kld=1e-4, top1=0.99)),
         Scheme(
             "int8",
-            "int8 weights with dynamic int8 activations (8da8w) on every linear and the head, SmoothQuant"
-            " scales folded in: per output channel, except groups of 64 input channels in the head and 128 in"
-            " mlp.down (the two most sensitive sites), realized as column slices on XNNPACK, which has no"
-            " grouped int8 kernel (edge/quant/split.py); the lookup reads the head's int8 slices, one table"
-            " stored once (shared_table, model.ptd)",
+            "int8 weights with dynamic int8 activations (8da8w), each activation row quantized twice, x and its"
+            " rounding residual (ActResidual: float-like activations on XNNPACK's int8 kernels); linears whose"
+            " GGUF source is Q8_0 / Q5_0 keep its integers exactly as two 4-bit planes, Q4_K ones as 4-bit plus"
+            " per-group offsets; the rest (Q6_K mlp.down) int8 in 128-column slices; the head in 32-column"
+            " slices (the Q8_0 table's own groups: exact), one int8 table stored once for it and the lookup"
+            " (shared_table, model.ptd)",
             _w(8, None),
-            _w(8, 64),
+            _w(8, 32),
             _w(8, None, act=Act.FLOAT),
             Band(mean_kld=0.005, top1=0.97),
-            smooth=True,
             overrides=(("mlp.down", _w(8, 128)),),
             shared_table=True,
+            source_grids=True,
+            source_planes=True,
+            act_residual=True,
         ),
         Scheme(
             "int4",

@@ -13,10 +13,10 @@ to XNNPACK's stock qd8-f32-qc8w kernels, each slice exactly (tests/test_export_e
 Measured on the 270M, eager, golden prompts vs fp32, SmoothQuant on (mean KLD / top-1):
 per-channel 0.0058 / 95.8%, slices of 256 0.0029 / 95.8%, 128 0.0021 / 96.0%, 64 0.0015 / 96.3%.
 Slices cost graph size: 64-column slices everywhere (~1700 linears) ran out of 24 GB in
-ExecuTorch's to_edge. So the int8 scheme splits only the two most sensitive sites (leave-one-out:
-keeping mlp.down in fp32 cut KLD 0.0058 -> 0.0032, the head -> 0.0041, any other site <= 0.0048):
-head g64 + mlp.down g128 gave eager 0.0025, lowered 0.0026 / top-1 96.6%, with export peak RSS
-4.9 GB, .pte 463 -> 474 MB and decode 53.6 -> 49.5 tok/s (2 threads, same run).
+ExecuTorch's to_edge. So slices serve the weights' groups only where a grid must be matched: the
+int8 scheme's head (the Q8_0 table's groups of 32) and its Q6_K mlp.down (128). The activations'
+rounding is taken away by ActResidual instead (below), which slices only reduced (head g64 +
+mlp.down g128 with per-slice activation scales and SmoothQuant: eager 0.0025 / top-1 96.6%).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from torch import nn
 
 # Slices per linear at most: the graph grows with every slice (see above), so wide linears of
 # bigger models get wider slices -- the smallest multiple of the scheme's group that keeps the
-# count within this (2B: head 2304 / 64 -> 12 slices of 192, mlp.down 9216 / 128 -> 12 of 768).
-MAX_SLICES = 16
+# count within this (2B: head 2304 / 32 -> 18 slices of 128, mlp.down 9216 / 128 -> 18 of 512).
+MAX_SLICES = 20  # the 270M's head in the Q8_0 table's groups of 32: 640 / 32
 
 
 def slice_width(in_features: int, group: int, max_slices: int = MAX_SLICES) -> int:
@@ -71,13 +71,13 @@ class PlaneSum(nn.Module):
     scales 16 s, `lo` holds l with scales s (edge/quant/transcode.py, to_plane_linear). Two 4-bit
     GEMMs read as many weight bytes as one int8 GEMM, with group scales instead of one per row.
 
-    What it buys the 270M's int8 (eager, golden prompts vs fp32, mean KLD / top-1; the int8 scheme:
+    What it buys the 270M's int8 (eager, golden prompts vs fp32, mean KLD / top-1; the int8 scheme before ActResidual:
     0.0029 / 96.6%): the Q8_0 / Q5_0 / Q4_K sources held exactly give 0.0100 / 93.3%, because a kept
     grid allows SmoothQuant only group-constant factors, and without per-column smoothing the dynamic
     int8 activations dominate (no SmoothQuant at all: 0.0090 / 95.6%). RTN int8 g32 planes on fully
     smoothed weights: 0.0036 / 96.9%; with each plane's activations scaled per 128 inputs 0.0019 /
-    97.2%, as column slices of 64 alone give (0.0019 / 97.2%). The activations' granularity, not the
-    weights', is int8's error on XNNPACK; so no named scheme uses planes yet.
+    97.2%, as column slices of 64 alone give (0.0019 / 97.2%). With the activations' rounding taken
+    away (ActResidual), the exact grids pay: the int8 scheme holds its Q8_0 / Q5_0 linears on planes.
     """
 
     def __init__(self, hi: nn.Linear, lo: nn.Linear) -> None:
@@ -160,6 +160,100 @@ class OffsetLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sums = x.unflatten(-1, (self.in_features // self.group, self.group)).sum(-1)
         return self.main(x) + self.offset(sums)
+
+
+class ActResidual(nn.Module):
+    """y = lin(x) + lin(x - fq(x)): a dynamic-int8 linear whose activations lose ~nothing to rounding.
+
+    `lin` quantizes each token's activations to int8 (one scale per row, or per slice of `group`
+    inputs for a ColumnSplitLinear; XNNPACK's qd8, torchao in eager); fq(x) is that very rounding
+    (`rounded`: torchao's and XNNPACK's but on exact ties and 1-ulp quotients), so
+    r = x - fq(x) is what it loses, and lin(r) quantizes r on its own ~255x finer scale. Both rows go
+    through ONE call, stacked on a new axis (..., 2, in): for a decode step the weights are read once
+    for two rows, so memory-bound decode costs about the same; prefill does twice the MACs. The rows
+    are summed by a constant (1, 2) linear (XNNPACK has no sum).
+
+    Why not float activations instead: ExecuTorch's XNNPACK backend has no int8-weight / fp32-activation
+    path. A torchao weight-only linear is split by the partitioner into permute + mm, and
+    ConvertToLinearPass (executorch backends/xnnpack/_passes/convert_to_linear.py, find()) walks past
+    the dequantize_affine to the int8 placeholder and drops it: the delegate multiplies by the raw
+    integers, cast to fp32 (measured: outputs exactly x @ q^T, 1/scale too large; executorch 1.5.1).
+
+    Measured on one 640 -> 512 8da8w linear with 5 outlier inputs (x30): error vs the exact-activation
+    product 2.8e-2 plain, 1.1e-4 with the residual; the XNNPACK artifact equals eager to 3e-7.
+    """
+
+    def __init__(self, lin: nn.Module, group: int | None = None) -> None:
+        super().__init__()
+        self.lin, self.group = lin, group
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        for name, value in self.constants().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        return {"pair_sum": torch.ones(1, 2, device="cpu")}
+
+    @property
+    def weight(self) -> torch.Tensor:  # the model reads dtypes from it
+        return self.lin.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.lin(torch.stack([x, x - self.rounded(x)], dim=-2))  # (..., 2, out)
+        return torch.nn.functional.linear(rows.transpose(-1, -2), self.pair_sum.to(rows.dtype)).flatten(-2)
+
+    def rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """x as `lin` sees it: per token (per slice of `group`), asymmetric int8, dequantized.
+
+        Written in ops that XNNPACK takes, so the whole residual stays inside the delegate: each op
+        left outside cuts it, and ExecuTorch copies the whole graph for every delegate it creates
+        (exir lowered_backend_module.create_submodule_from_nodes -> legalize_graph): with amin / amax /
+        round / reciprocal outside, the 270M int8 had 130+ cuts and its lowering ran > 25 minutes.
+        So: max over dim 3 of a 4-D view (XNNPACK's max.dim: 4-D, dim 2 or 3, keepdim), min as
+        -max(-x), round as floor(v + 0.5) and x / scale: the same as torchao's round-half-even of
+        x * (1 / scale) but on exact ties and 1-ulp quotients, where the residual then carries one
+        step at that element (rare; what fake_quant_act in edge/quant/smooth.py computes exactly).
+        """
+        shape, g = x.shape, self.group or self.in_features
+        x4 = x.reshape(-1, 1, self.in_features // g, g)  # (tokens, 1, slices, g)
+        hi = torch.max(x4, dim=3, keepdim=True)[0].clamp(min=0)
+        lo = torch.max(-x4, dim=3, keepdim=True)[0].neg().clamp(max=0)
+        scale = ((hi - lo) / 255).clamp(min=torch.finfo(torch.float32).smallest_normal)
+        zp = (-128 - torch.floor(lo / scale + 0.5)).clamp(-128, 127)
+        q = (torch.floor(x4 / scale + 0.5) + zp).clamp(-128, 127)
+        return ((q - zp) * scale).reshape(shape)
+
+
+def _dynamic(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) and getattr(mod.weight, "activation_quantization", None) is not None
+
+
+def _act_group(mod: nn.Module) -> tuple[bool, int | None]:
+    """(whether `mod` quantizes all of its input dynamically, per row or per slice of how many inputs)."""
+    if _dynamic(mod):
+        return True, None
+    if isinstance(mod, ColumnSplitLinear) and all(_dynamic(p) for p in mod.parts):
+        return True, mod.group
+    if isinstance(mod, PlaneSum):
+        (a, ga), (b, gb) = _act_group(mod.hi), _act_group(mod.lo)
+        return a and b and ga == gb, ga
+    return False, None
+
+
+def wrap_act_residual(model: nn.Module, prefix: str = "") -> list[str]:
+    """Wrap every module that quantizes its whole input dynamically (an 8da linear, a ColumnSplitLinear
+    or PlaneSum of them) in one ActResidual, outermost first; returns the wrapped modules' names."""
+    wrapped = []
+    for name, child in list(model.named_children()):
+        full = f"{prefix}{name}"
+        if isinstance(child, ActResidual):
+            continue
+        ok, group = _act_group(child)
+        if ok:
+            setattr(model, name, ActResidual(child, group))
+            wrapped.append(full)
+        else:
+            wrapped += wrap_act_residual(child, full + ".")
+    return wrapped
 
 
 def lookup(table: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
