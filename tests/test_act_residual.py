@@ -64,3 +64,21 @@ def test_only_linears_with_dynamic_activations_are_wrapped():
     assert wrap_act_residual(m) == ["dyn"]
     assert isinstance(m.dyn, ActResidual) and isinstance(m.wo, nn.Linear) and isinstance(m.fp32, nn.Linear)
     assert wrap_act_residual(m) == []  # idempotent: a wrapped linear is not wrapped again
+
+
+def test_the_residual_stays_inside_one_delegate():
+    """Every op of the residual is one XNNPACK takes: an op left outside cuts the delegate at every
+    linear, and ExecuTorch copies the whole graph per delegate (the 270M int8 lowered > 25 min so)."""
+    from torch.export import Dim
+
+    import edge.targets.executorch as ex
+    from edge.targets import BACKENDS
+
+    m = quantized(640, 256)
+    m[0] = ActResidual(m[0])
+    x = outlier_input(5)
+    with torch.no_grad():
+        ep = torch.export.export(m, (x,), dynamic_shapes=({1: Dim("t", min=1, max=100)},), strict=True)
+    program = ex._lower(ep.run_decompositions({}), BACKENDS["xnnpack"]).to_executorch(ex._backend_config())
+    report = ex.delegation_report(program.exported_program().graph_module)
+    assert report["delegate_calls"] == 1 and report["ops_outside_delegate"] == {}, report
