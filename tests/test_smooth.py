@@ -51,14 +51,14 @@ def test_smoothing_reduces_the_8da8w_error_on_outlier_activations():
     assert len(fed) == 2 * len(m.layers) + 1
     assert all(r["err_after"] < 0.5 * r["err_before"] for r in fed), fed
     assert all(r["err_after"] <= r["err_before"] for r in report.values())  # never worse: identity is a candidate
-    rows = quantize_model(outlier_model(), SCHEMES["int8"], calib)
+    rows = quantize_model(outlier_model(), SCHEMES["int4-hqq"], calib)
     by_name = {r["name"]: r for r in rows}
     assert "smoothquant" in by_name["layers.0.attn.wk"] and "smoothquant" in by_name["lm_head"]
 
 
 def test_a_smoothing_scheme_needs_calibration():
     with pytest.raises(ValueError, match="calibration"):
-        quantize_model(outlier_model(), SCHEMES["int8"])
+        quantize_model(outlier_model(), SCHEMES["int4-hqq"])
 
 
 def test_calibration_text_is_not_golden_text():
