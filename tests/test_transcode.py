@@ -23,12 +23,18 @@ _ELEMENTS = {"Q8_0": 32, "Q5_0": 32, "Q4_K": 256, "Q6_K": 256}
 
 
 def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Valid GGUF blocks: random bits everywhere, finite positive fp16 scales where the type has them."""
+    """Valid GGUF blocks: random bits everywhere, finite fp16 scales where the type has them: signed
+    where ggml writes them signed (Q5_0 and Q6_K: d = max / -16, max / -32; half the 270M's are < 0),
+    and one block of zeros (d = 0)."""
     rng = np.random.default_rng(seed)
     n = rows * cols // _ELEMENTS[kind]
     b = rng.integers(0, 256, (n, BLOCK_BYTES[kind]), dtype=np.uint8)
     for first, count in _F16_FIELDS[kind]:
-        d = rng.uniform(1e-4, 1e-2, (n, count)).astype(np.float16)
+        d = rng.uniform(1e-4, 1e-2, (n, count))
+        if kind in ("Q5_0", "Q6_K"):
+            d *= rng.choice([-1.0, 1.0], d.shape)
+        d[0] = 0.0
+        d = d.astype(np.float16)
         b[:, first : first + 2 * count] = d.view(np.uint8)
     return b.reshape(rows, -1)
 
@@ -77,6 +83,18 @@ def test_an_offset_linear_keeps_the_q4k_integers():
     assert ((y - x @ want.T).norm() / y.norm()) < 2e-2  # plus the dynamic int8 activations
 
 
+def test_signed_and_zero_q4k_scales_are_held_positive():
+    """XNNPACK refuses group scales <= 0 at load; a group with s < 0 or s = 0 is stored re-based."""
+    grid = q4k_grid(16, 128)
+    grid.scale = grid.scale.to(torch.bfloat16).float()  # bf16 values: held exactly
+    grid.scale[:, ::3] *= -1
+    grid.scale[0, 1] = 0.0
+    lin = to_offset_linear(grid)
+    assert lin.main.weight.scale.min() > 0
+    want = grid.dequantize()
+    assert (effective_weight(lin) - want).abs().max() < 1e-6 * want.abs().max()
+
+
 def test_row_and_group_factors_move_into_the_scales():
     grid = q4k_grid(4, 64)
     r, c = torch.rand(4, 1) + 0.5, (torch.rand(2) + 0.5).repeat_interleave(32)
@@ -123,6 +141,7 @@ def test_a_q8_0_or_q5_0_grid_held_as_two_4bit_planes_round_trips_exactly(kind):
     assert isinstance(lin.main, PlaneSum)
     for plane in (lin.main.hi, lin.main.lo):
         assert -8 <= plane.weight.qdata.min() and plane.weight.qdata.max() <= 7
+        assert plane.weight.scale.min() > 0  # XNNPACK refuses others at load (signed Q5_0 d, a zero block)
     assert torch.equal(effective_weight(lin), grid.dequantize())
     # The GGUF's own fp16 scales: only their bf16 rounding (2^-9 relative at most), its mean in the offsets.
     fp16 = decode(kind, raw, 8, 256)
@@ -139,6 +158,12 @@ def test_plane_linears_lower_exactly_and_rtn_grids_take_them_too(tmp_path):
     w = torch.randn(24, 128, generator=torch.Generator().manual_seed(2))
     grid = rtn_grid(w, 32)
     assert grid.q.abs().max() == 127 and (grid.dequantize() - w).abs().max() <= grid.scale.max() / 2 + 1e-7
+    # As ggml writes Q5_0: half the groups with d < 0 (the same weights, q negated). XNNPACK refuses a
+    # scale <= 0 at load ("Failed to define tensor": the 270M's int8 .pte did not load); held positive.
+    flip = torch.rand(grid.scale.shape, generator=torch.Generator().manual_seed(5)) < 0.5
+    grid.scale = torch.where(flip, -grid.scale, grid.scale)
+    grid.q = torch.where(flip.repeat_interleave(32, dim=1), -grid.q, grid.q)
+    assert torch.equal(grid.dequantize(), rtn_grid(w, 32).dequantize())
     lin = to_plane_linear(grid, act_slice=64)
     assert isinstance(lin.main.hi, ColumnSplitLinear)  # each plane sliced alike
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))

@@ -190,8 +190,15 @@ def to_offset_linear(grid: Grid, current: torch.Tensor | None = None, act_slice:
     if current is not None:
         f = group_factors(grid, current)
         scale, minimum = scale * f, minimum * f
-    s16 = scale.to(torch.bfloat16).double()
     q = grid.q.double().reshape(rows, -1, grid.group)
+    # XNNPACK takes positive group scales only (see to_plane_linear). ggml's Q4_K scales are, but a fold
+    # or another writer may not: s (q + 8) = (-s)(15 - (q + 8)) + 15 s, so a group with s < 0 stores
+    # q' = -1 - q (still in [-8, 7]) and m' = m - 15 s; a group of s = 0 stores s = 1, q = -8 (w = -m).
+    neg, zero = (scale < 0)[..., None], (scale == 0)[..., None]
+    q = torch.where(zero, -8.0, torch.where(neg, -1.0 - q, q))
+    minimum = torch.where(scale < 0, minimum - 15.0 * scale, minimum)
+    scale = torch.where(scale == 0, 1.0, scale.abs())
+    s16 = scale.to(torch.bfloat16).double()
     offset = 8.0 * scale - minimum + (scale - s16) * q.mean(-1)
     return OffsetLinear(_four_bit_linear(q, s16, act_slice), offset.float(), grid.group)
 
@@ -248,8 +255,17 @@ def to_plane_linear(grid: Grid, current: torch.Tensor | None = None, act_slice: 
     scale = grid.scale.double()
     if current is not None:
         scale = scale * group_factors(grid, current)
-    s16 = scale.to(torch.bfloat16).double()
     q = grid.q.long().reshape(rows, -1, grid.group)
+    # XNNPACK refuses a blockwise scale that is not positive (xnn_define_blockwise_quantized_tensor_value
+    # -> xnn_status_invalid_parameter: the .pte fails to load, "Failed to define tensor"). ggml writes
+    # Q5_0 (and Q6_K) with d = max / -16, signed: half the 270M's Q5_0 groups have d < 0. s q = (-s)(-q),
+    # so those groups flip both; a group of zeros (s = 0) becomes s = 1, q = 0.
+    sign = torch.where(scale < 0, -1, 1)
+    q = torch.where((scale == 0)[..., None], 0, q * sign[..., None])
+    scale = torch.where(scale == 0, 1.0, scale.abs())
+    if int(q.min()) < -128 or int(q.max()) > 127:  # q - 8 = 16 h + l, h and l in [-8, 7]
+        raise ValueError(f"{grid.kind}: integers outside int8 once the scales are made positive (a -128 under d < 0)")
+    s16 = scale.to(torch.bfloat16).double()
     lo = torch.remainder(q, 16) - 8  # q - 8 = 16 hi + lo
     hi = (q - 8 - lo) // 16
     assert int(hi.min()) >= -8 and int(hi.max()) <= 7
