@@ -123,7 +123,7 @@ def float_magnitude(mod: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     if isinstance(mod, OffsetLinear):
         sums = x.abs().unflatten(-1, (mod.in_features // mod.group, mod.group)).sum(-1)
-        return float_magnitude(mod.main, x) + sums @ mod.offset.weight.abs().T
+        return float_magnitude(mod.main, x) + sums @ mod.offsets.abs().T
     if isinstance(mod, ColumnSplitLinear):
         g = mod.group
         return sum(float_magnitude(p, x[..., i * g : (i + 1) * g]) for i, p in enumerate(mod.parts))

@@ -67,7 +67,7 @@ def _dequantized(main) -> torch.Tensor:
 
 
 def effective_weight(lin: OffsetLinear) -> torch.Tensor:
-    return _dequantized(lin.main) + lin.offset.weight.repeat_interleave(lin.group, dim=1)
+    return _dequantized(lin.main) + lin.offsets.repeat_interleave(lin.group, dim=1)
 
 
 def test_an_offset_linear_keeps_the_q4k_integers():
@@ -228,3 +228,35 @@ def test_a_transcoded_model_lowers_without_error(tmp_path):
     ids = [int(i) for i in torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1))]
     want, got = replay(EagerRunner(model), ids), replay(PteRunner(path), ids)
     assert full_kld(want, got).mean() < SCHEMES["int4"].lowering_max_kld
+
+
+def test_offset_and_plane_linears_lower_into_one_delegate():
+    """The group means run inside XNNPACK (mean.dim of a 4-D view): a group sum left outside cut the
+    delegate at every Q4_K / plane linear (117 cuts in the 270M int8, lowering time and RSS). Not so
+    activation slices (act_slice): XNNPACK's partitioner takes no slice of a dynamic-shape tensor."""
+    import tempfile
+    from pathlib import Path
+
+    from executorch.runtime import Runtime
+    from torch.export import Dim
+
+    import edge.targets.executorch as ex
+    from edge.targets import BACKENDS
+
+    m = torch.nn.Sequential(
+        to_offset_linear(q4k_grid(256, 128)),
+        torch.nn.ReLU(),
+        to_plane_linear(rtn_grid(torch.randn(64, 256, generator=torch.Generator().manual_seed(1)), 32)),
+    ).eval()
+    x = torch.randn(1, 5, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ep = torch.export.export(m, (x,), dynamic_shapes=({1: Dim("t", min=1, max=64)},), strict=True)
+    program = ex._lower(ep.run_decompositions({}), BACKENDS["xnnpack"]).to_executorch(ex._backend_config())
+    report = ex.delegation_report(program.exported_program().graph_module)
+    assert report["delegate_calls"] == 1 and report["ops_outside_delegate"] == {}, report
+    with torch.no_grad():
+        want = m(x)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "m.pte").write_bytes(program.buffer)
+        got = Runtime.get().load_program(str(Path(d) / "m.pte")).load_method("forward").execute([x])[0]
+    assert (got - want).norm() / want.norm() < 1e-5

@@ -128,12 +128,16 @@ def split_linears(model: nn.Module, names: set[str], group: int) -> None:
 
 
 class OffsetLinear(nn.Module):
-    """y = main(x) + offset(group sums of x): an asymmetric grouped weight on a symmetric 4-bit kernel.
+    """y = main(x) + offset(group means of x): an asymmetric grouped weight on a symmetric 4-bit kernel.
 
     A weight w = s * q + c per group of `group` input columns (a Q4_K grid held as q - 8, with
     c = 8 s - m; edge/quant/transcode.py) gives W x = sum_g s_g q_g . x_g + c_g * sum(x_g): `main`
-    holds s * q (8da4w, exact on its grid), `offset` is an fp32 linear (in / group -> out) holding c.
-    XNNPACK runs both; the group sums (a reshape and a sum) run outside it.
+    holds s * q (8da4w, exact on its grid), `offset` is an fp32 linear (in / group -> out) holding
+    c * group, applied to the group means (`offsets` gives c back; group is a power of two, so both
+    products are exact). Means, not sums: XNNPACK has no sum, but its global average pooling takes
+    mean.dim over the last two dims of a 4-D tensor, so the whole OffsetLinear is one delegate. The
+    sums ran outside it (sum.IntList), which cut the delegate at every such linear: 117 cuts in the
+    270M int8, and ExecuTorch copies the whole graph per delegate it creates (lowering time, RSS).
 
     The 270M's 27 Q4_K linears carry 0.74M offsets, 2.9 MB in fp32: the int4 bundle is 0.6 MB over
     the GGUF's size because of them. Stored in fp16 (<= 2^-11 relative, below the bf16 rounding of
@@ -147,19 +151,27 @@ class OffsetLinear(nn.Module):
         super().__init__()
         if main.in_features != offset.shape[1] * group or main.out_features != offset.shape[0]:
             raise ValueError(f"offset {tuple(offset.shape)} does not fit {main} with groups of {group}")
+        if group & (group - 1):
+            raise ValueError(f"group {group} is not a power of two (offset * group would round)")
         self.group = group
         self.in_features, self.out_features = main.in_features, main.out_features
         self.main = main
         self.offset = nn.Linear(offset.shape[1], offset.shape[0], bias=False, device="meta")
-        self.offset.weight = nn.Parameter(offset.contiguous(), requires_grad=False)
+        self.offset.weight = nn.Parameter((offset * group).contiguous(), requires_grad=False)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """c, per (output, group): the weight is main's plus c on every column of its group."""
+        return self.offset.weight / self.group
 
     @property
     def weight(self) -> torch.Tensor:  # the model reads dtypes from it
         return self.main.parts[0].weight if isinstance(self.main, ColumnSplitLinear) else self.main.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sums = x.unflatten(-1, (self.in_features // self.group, self.group)).sum(-1)
-        return self.main(x) + self.offset(sums)
+        n = self.in_features // self.group
+        means = x.reshape(-1, n, self.group, 1).mean(dim=(-1, -2), keepdim=True).reshape(*x.shape[:-1], n)
+        return self.main(x) + self.offset(means)
 
 
 class ActResidual(nn.Module):
