@@ -234,3 +234,14 @@ def test_a_lowering_bug_is_caught_and_named(device_bundles, tmp_path):
     assert "lowered added mean KLD" in r["verdict"]["sentence"]
     assert s["lowered"]["vs_previous"]["stage"] == "quantized"
     assert s["lowered"]["vs_previous"]["mean_kld"] > 1e4 * s["quantized"]["vs_previous"]["mean_kld"]
+
+
+def test_an_artifact_the_runtime_cannot_load_is_a_clear_error(tmp_path):
+    """A .pte whose method fails to init (as the 270M int8 did: XNNPACK refused a scale <= 0) is an
+    EdgeError naming the file (exit 2 in the CLI), not a RuntimeError traceback."""
+    from edge.runtime.pte import PteRunner
+
+    bad = tmp_path / "model.pte"
+    bad.write_bytes(b"\0" * 64)
+    with pytest.raises(EdgeError, match="model.pte does not load"):
+        PteRunner(bad)

@@ -23,8 +23,15 @@ class PteRunner:
         if threads:
             portable_lib._unsafe_reset_threadpool(threads)
         self._torch = torch
-        self.program = Runtime.get().load_program(str(path), data_path=str(data_path) if data_path else None)
-        self.forward = self.program.load_method("forward")
+        try:
+            self.program = Runtime.get().load_program(str(path), data_path=str(data_path) if data_path else None)
+            self.forward = self.program.load_method("forward")
+        except RuntimeError as e:  # the runtime's own log (stderr, above) names the failing step
+            raise EdgeError(
+                f"{Path(path).name} does not load in this ExecuTorch runtime: {e}",
+                hint="the runtime's log above says which step failed (e.g. XNNPACK 'Failed to define tensor');"
+                " re-export the bundle with this gemma-edge and executorch (edge doctor lists the versions)",
+            ) from e
         meta = {n: self.program.load_method(n).execute([])[0] for n in ("get_max_seq_len", "get_vocab_size")}
         self.max_seq_len = int(meta["get_max_seq_len"])
         self.vocab_size = int(meta["get_vocab_size"])
