@@ -56,27 +56,35 @@ def test_grouped_int8_beats_per_channel_on_an_outlier_column():
     assert errs["g64"] < 0.7 * errs["per-channel"], errs  # measured 0.026 vs 0.041
 
 
-def test_int8_scheme_splits_its_grouped_sites_and_says_so():
+def test_int8_scheme_holds_its_grouped_sites_and_says_so():
+    """The shared head in column slices (its rows are the lookup's); mlp.down, grouped too, on two
+    4-bit planes (no slices: XNNPACK's partitioner takes none of a dynamic-shape input)."""
     from test_export_executorch import tiny_model
+
+    from edge.quant.split import OffsetLinear, PlaneSum
 
     model = tiny_model()
     scheme = SCHEMES["int8"]
     rows = {r["name"]: r for r in quantize_model(model, scheme, random_calibration(model.cfg.vocab_size))}
     down_q = scheme.quant_for("layers.0.mlp.down")
     assert down_q.group and scheme.head.group  # the grouped sites of the scheme
-    down = model.layers[0].mlp.down  # one residual for all its slices, each slice on its own scale
-    assert isinstance(down, ActResidual) and down.group == down_q.group
-    down = down.lin
-    assert isinstance(down, ColumnSplitLinear) and down.group == down_q.group
-    assert isinstance(model.lm_head.lin, ColumnSplitLinear) and model.lm_head.lin.group == scheme.head.group
+    down = model.layers[0].mlp.down
+    assert isinstance(down, OffsetLinear) and down.group == down_q.group
+    assert isinstance(down.main, ActResidual) and isinstance(down.main.lin, PlaneSum)
+    for plane in (down.main.lin.hi, down.main.lin.lo):  # grouped 4-bit weights, g = the scheme's
+        assert plane.weight.block_size[-1] == down_q.group and -8 <= plane.weight.qdata.min()
+    head = model.lm_head  # one residual for all its slices, each slice on its own scale
+    assert isinstance(head, ActResidual) and head.group == scheme.head.group
+    assert isinstance(head.lin, ColumnSplitLinear) and head.lin.group == scheme.head.group
+    part = head.lin.parts[0]
+    assert hasattr(part.weight, "scale") and part.weight.scale.numel() == part.out_features  # per channel
     wq = model.layers[0].attn.wq  # per channel: not split; its activations go in as x and residual rows
     assert isinstance(wq, ActResidual) and isinstance(wq.lin, nn.Linear)
     assert "residual" in rows["layers.0.mlp.down"]["activations"]
-    assert "slices of" in rows["layers.0.mlp.down"]["realized"]
-    assert rows["layers.0.mlp.down"]["scheme"] == f"8da8w-g{down_q.group}-rtn"
+    assert "two 4-bit planes" in rows["layers.0.mlp.down"]["realized"]
+    assert rows["layers.0.mlp.down"]["scheme"] == f"8da8w-g{down_q.group}-planes-rtn"
+    assert "slices of" in rows["lm_head"]["realized"]
     assert rows["layers.0.attn.wq"]["scheme"] == "8da8w-per-channel-rtn" and "realized" not in rows["layers.0.attn.wq"]
-    part = down.parts[0]
-    assert hasattr(part.weight, "scale") and part.weight.scale.numel() == part.out_features  # per channel
     assert "realized" not in rows["embed"]
 
 

@@ -295,11 +295,29 @@ def _owner(name: str) -> str:
 
 
 def _split_grouped_int8(model: nn.Module, scheme: Scheme, todo: set[str], coverage: list[dict]) -> None:
+    """8-bit grouped linears with dynamic activations: XNNPACK has no grouped int8 kernel. With
+    source_planes, a round-to-nearest grid in the scheme's groups held as two 4-bit planes (one
+    delegate: slices of a dynamic-shape input stay outside XNNPACK's partitioner and cut it);
+    else, and always for a shared table's head (its rows are the lookup's), column slices."""
     from edge.quant.split import MAX_SLICES, slice_width, split_linears
+    from edge.quant.transcode import rtn_grid, to_plane_linear
 
     for r in coverage:
         q = scheme.quant_for(r["name"])
         if r["name"] in todo and r["name"] != "embed" and _splits(q):
+            shared = r["name"] == "lm_head" and scheme.shared_table
+            if scheme.source_planes and not shared and q.group % 32 == 0:
+                parent_name, _, child = r["name"].rpartition(".")
+                parent = model.get_submodule(parent_name)
+                setattr(parent, child, to_plane_linear(rtn_grid(parent.get_submodule(child).weight, q.group)))
+                r["scheme"] = f"8da8w-g{q.group}-planes-rtn"
+                r["bits_per_weight"] = 8 + 32 / q.group + 32 / q.group
+                r["realized"] = (
+                    f"round-to-nearest int8 in groups of {q.group}, held as two 4-bit planes (q - 8 = 16 h + l)"
+                    " on XNNPACK's symmetric 4-bit kernel plus per-group offsets"
+                )
+                todo.discard(r["name"])  # quantized: torchao's passes below must not touch it again
+                continue
             width = slice_width(r["shape"][1], q.group)
             split_linears(model, {r["name"]}, width)
             r["scheme"] = replace(q, group=width).label()

@@ -146,7 +146,8 @@ SCHEMES: dict[str, Scheme] = {
             "int8 weights with dynamic int8 activations (8da8w), each activation row quantized twice, x and its"
             " rounding residual (ActResidual: float-like activations on XNNPACK's int8 kernels); linears whose"
             " GGUF source is Q8_0 / Q5_0 keep its integers exactly as two 4-bit planes, Q4_K ones as 4-bit plus"
-            " per-group offsets; the rest (Q6_K mlp.down) int8 in 128-column slices; the head in 32-column"
+            " per-group offsets; the rest (Q6_K mlp.down) round-to-nearest int8 g128 on two planes; the head in"
+            " 32-column"
             " slices (the Q8_0 table's own groups: exact), one int8 table stored once for it and the lookup"
             " (shared_table, model.ptd)",
             _w(8, None),
