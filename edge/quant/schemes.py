@@ -153,7 +153,7 @@ SCHEMES: dict[str, Scheme] = {
             _w(8, None),
             _w(8, 32),
             _w(8, None, act=Act.FLOAT),
-            Band(mean_kld=0.005, top1=0.97),
+            Band(mean_kld=0.002, top1=0.98),  # issue 7's; the 270M .pte: 0.00034 / 99.17%
             overrides=(("mlp.down", _w(8, 128)),),
             shared_table=True,
             source_grids=True,
