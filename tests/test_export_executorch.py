@@ -87,9 +87,10 @@ def test_fp32_bundle_matches_eager_has_the_runner_contract_and_its_tied_table_on
     assert table < b["files"]["model.ptd"]["bytes"] < 1.1 * table and b["files"]["model.pte"]["bytes"] < 1e6
 
 
-# CI: the scheme exports default to (int4; the real 270M int4 chain runs in CI too); the rest in
-# `make test-full` (CI time: each ~4 min here).
-SCHEMES_IN_CI = {"int4"}
+# All in `make test-full` (CI time: each 2-8 min here, ExecuTorch's passes re-trace every op with fake
+# tensors: the tiny int4's 824 delegated ops lower in 165 s). CI lowers the real 270M int4 instead
+# (tests/test_real_export.py: the same check on the android default, real weights).
+SCHEMES_IN_CI: set[str] = set()
 
 
 @pytest.mark.parametrize(
