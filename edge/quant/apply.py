@@ -201,23 +201,21 @@ def _transcode(
     from edge.quant.transcode import to_offset_linear, to_plane_linear
 
     for name in sorted(names):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        grid = grids[name]
+        grid, current = grids[name], model.get_submodule(name).weight
         sliced = f"; activations scaled per {act_slice} inputs" if act_slice and act_slice < grid.q.shape[1] else ""
         if grid.minimum is not None:  # Q4_K: one 4-bit plane
-            setattr(parent, child, to_offset_linear(grid, parent.get_submodule(child).weight, act_slice))
+            model.set_submodule(name, to_offset_linear(grid, current, act_slice))
             rows[name]["scheme"] = f"8da4w-g{grid.group}-source-{grid.kind}"
             rows[name]["bits_per_weight"] = 4 + 16 / grid.group + 32 / grid.group
             held = "q - 8 on XNNPACK's symmetric 4-bit kernel, bf16 group scales"
         else:  # Q8_0 / Q5_0: two 4-bit planes
-            setattr(parent, child, to_plane_linear(grid, parent.get_submodule(child).weight, act_slice))
+            model.set_submodule(name, to_plane_linear(grid, current, act_slice))
             rows[name]["scheme"] = f"8da8w-g{grid.group}-source-{grid.kind}"
             rows[name]["bits_per_weight"] = 8 + 32 / grid.group + 32 / grid.group
             held = "q - 8 = 16 h + l as two planes on XNNPACK's symmetric 4-bit kernel, bf16 group scales"
         rows[name]["realized"] = (
             f"{grid.kind} integers kept ({held}) plus per-group offsets in an fp32 linear over the inputs'"
-            " group sums" + sliced
+            " group means" + sliced
         )
 
 
@@ -307,9 +305,8 @@ def _split_grouped_int8(model: nn.Module, scheme: Scheme, todo: set[str], covera
         if r["name"] in todo and r["name"] != "embed" and _splits(q):
             shared = r["name"] == "lm_head" and scheme.shared_table
             if scheme.source_planes and not shared and q.group % 32 == 0:
-                parent_name, _, child = r["name"].rpartition(".")
-                parent = model.get_submodule(parent_name)
-                setattr(parent, child, to_plane_linear(rtn_grid(parent.get_submodule(child).weight, q.group)))
+                weight = model.get_submodule(r["name"]).weight
+                model.set_submodule(r["name"], to_plane_linear(rtn_grid(weight, q.group)))
                 r["scheme"] = f"8da8w-g{q.group}-planes-rtn"
                 r["bits_per_weight"] = 8 + 32 / q.group + 32 / q.group
                 r["realized"] = (

@@ -147,9 +147,8 @@ SCHEMES: dict[str, Scheme] = {
             " rounding residual (ActResidual: float-like activations on XNNPACK's int8 kernels); linears whose"
             " GGUF source is Q8_0 / Q5_0 keep its integers exactly as two 4-bit planes, Q4_K ones as 4-bit plus"
             " per-group offsets; the rest (Q6_K mlp.down) round-to-nearest int8 g128 on two planes; the head in"
-            " 32-column"
-            " slices (the Q8_0 table's own groups: exact), one int8 table stored once for it and the lookup"
-            " (shared_table, model.ptd)",
+            " 32-column slices (the Q8_0 table's own groups: exact), one int8 table stored once for it and the"
+            " lookup (shared_table, model.ptd)",
             _w(8, None),
             _w(8, 32),
             _w(8, None, act=Act.FLOAT),

@@ -16,7 +16,7 @@ rounding; re-quantizing the dequantized values onto a new grid loses what RTN lo
 Q4_K is asymmetric; XNNPACK's 4-bit kernels are symmetric (zero point 8, no offset). So a Q4_K
 tensor is held as q - 8 in [-8, 7] with scale s, plus a per-group offset c = 8 s - m:
 W x = sum_g s_g (q_g - 8) x_g + c_g * sum(x_g) -- a 4-bit linear and a small fp32 linear over
-the inputs' group sums (edge/quant/split.py, OffsetLinear). What the format cannot hold exactly:
+the inputs' group means (edge/quant/split.py, OffsetLinear). What the format cannot hold exactly:
 XNNPACK stores group scales in bfloat16 (8 significant bits) where Q4_K's s = d * sc has up to
 17, a relative scale error <= 2^-9: on the 270M's Q4_K tensors the held weights differ from the
 source by a relative RMS of 1.6e-3 (the offsets, fp32, absorb the mean of that error per group).
@@ -194,10 +194,10 @@ def to_offset_linear(grid: Grid, current: torch.Tensor | None = None, act_slice:
     # XNNPACK takes positive group scales only (see to_plane_linear). ggml's Q4_K scales are, but a fold
     # or another writer may not: s (q + 8) = (-s)(15 - (q + 8)) + 15 s, so a group with s < 0 stores
     # q' = -1 - q (still in [-8, 7]) and m' = m - 15 s; a group of s = 0 stores s = 1, q = -8 (w = -m).
-    neg, zero = (scale < 0)[..., None], (scale == 0)[..., None]
-    q = torch.where(zero, -8.0, torch.where(neg, -1.0 - q, q))
-    minimum = torch.where(scale < 0, minimum - 15.0 * scale, minimum)
-    scale = torch.where(scale == 0, 1.0, scale.abs())
+    neg, zero = scale < 0, scale == 0
+    q = torch.where(zero[..., None], -8.0, torch.where(neg[..., None], -1.0 - q, q))
+    minimum = torch.where(neg, minimum - 15.0 * scale, minimum)
+    scale = torch.where(zero, 1.0, scale.abs())
     s16 = scale.to(torch.bfloat16).double()
     offset = 8.0 * scale - minimum + (scale - s16) * q.mean(-1)
     return OffsetLinear(_four_bit_linear(q, s16, act_slice), offset.float(), grid.group)
