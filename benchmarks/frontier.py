@@ -59,14 +59,25 @@ def plot(rows: dict[str, dict], backend: str, path: Path) -> None:
     for q, r in rows.items():
         on = q in front
         ax.scatter(r["artifact_mb"], max(r["mean_kld"], KLD_FLOOR), color="C0" if on else "C7", zorder=3)
-        ax.annotate(f"{q} ({r['top1']:.1%})", (r["artifact_mb"], max(r["mean_kld"], KLD_FLOOR)),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(
+            f"{q} ({r['top1']:.1%})",
+            (r["artifact_mb"], max(r["mean_kld"], KLD_FLOOR)),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+        )
     pts = sorted((rows[q]["artifact_mb"], max(rows[q]["mean_kld"], KLD_FLOOR)) for q in front)
     ax.plot(*zip(*pts, strict=True), color="C0", lw=1, zorder=2)
     c = LLAMA_CPP
     ax.scatter(c["artifact_mb"], c["mean_kld"], marker="*", s=120, color="C3", zorder=3)
-    ax.annotate(f"llama.cpp Q4_K_M ({c['top1']:.1%})", (c["artifact_mb"], c["mean_kld"]),
-                textcoords="offset points", xytext=(6, -12), fontsize=8, color="C3")
+    ax.annotate(
+        f"llama.cpp Q4_K_M ({c['top1']:.1%})",
+        (c["artifact_mb"], c["mean_kld"]),
+        textcoords="offset points",
+        xytext=(6, -12),
+        fontsize=8,
+        color="C3",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("bundle weights (MB, what the device loads)")

@@ -102,14 +102,18 @@ def main() -> None:
         rows[q]["prefill_tok_s"] = round(statistics.median(s[0] for s in speeds[q]), 1)
         rows[q]["decode_tok_s"] = round(statistics.median(s[1] for s in speeds[q]), 1)
     (args.out / f"results-{args.backend}.json").write_text(json.dumps(rows, indent=1))
-    print(f"| {args.backend} scheme | size MB | export s | peak RSS GB | mean KLD | top-1 | eager KLD / top-1 |"
-          f" lowered vs eager KLD (argmax moved) | prefill tok/s | decode tok/s ({args.threads} threads) |")
+    print(
+        f"| {args.backend} scheme | size MB | export s | peak RSS GB | mean KLD | top-1 | eager KLD / top-1 |"
+        f" lowered vs eager KLD (argmax moved) | prefill tok/s | decode tok/s ({args.threads} threads) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for q, r in rows.items():
         eager = f"{r['eager_mean_kld']:.4f} / {r['eager_top1']:.1%}" if "eager_mean_kld" in r else "-"
         vs = f"{r['lowered_vs_eager_kld']:.2e} ({r['lowered_vs_eager_flips']})" if "lowered_vs_eager_kld" in r else "-"
-        print(f"| {q} | {r.get('artifact_mb', '-')} | {r.get('export_s', '-')} | {r.get('peak_rss_gb', '-')} |"
-              f" {r['mean_kld']:.4f} | {r['top1']:.1%} | {eager} | {vs} | {r['prefill_tok_s']} | {r['decode_tok_s']} |")
+        print(
+            f"| {q} | {r.get('artifact_mb', '-')} | {r.get('export_s', '-')} | {r.get('peak_rss_gb', '-')} |"
+            f" {r['mean_kld']:.4f} | {r['top1']:.1%} | {eager} | {vs} | {r['prefill_tok_s']} | {r['decode_tok_s']} |"
+        )
 
 
 if __name__ == "__main__":
