@@ -230,10 +230,39 @@ def test_a_transcoded_model_lowers_without_error(tmp_path):
     assert full_kld(want, got).mean() < SCHEMES["int4"].lowering_max_kld
 
 
-def test_offset_and_plane_linears_lower_into_one_delegate():
+def test_int8_offsets_round_each_offset_once_on_a_per_row_grid():
+    """int8_offsets (Scheme.int8_offsets): c moves by at most half its row's int8 step, a row of zero
+    offsets keeps a positive scale (XNNPACK refuses others), and the linear stays close to fp32."""
+    grid = q4k_grid(64, 128)
+    exact = to_offset_linear(grid)
+    lin = to_offset_linear(grid)
+    lin.offset.weight.data[3] = 0.0
+    exact.offset.weight.data[3] = 0.0
+    lin.int8_offsets()
+    c, c8 = exact.offsets, lin.offsets
+    step = c.abs().amax(dim=1, keepdim=True) / 127
+    assert ((c8 - c).abs() <= step / 2 + 1e-7).all()
+    assert not torch.equal(c8, c)  # it did round
+    assert (c8[3] == 0).all()
+    scale = lin.offset.weight.scale
+    assert (scale > 0).all() and lin.offset.weight.qdata.dtype == torch.int8
+    # The means go in as two int8 rows (ActResidual): the offset term is that of float means (2.8e-6
+    # relative here; one int8 row: 8e-4).
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(3)) + 3.0
+    means = x.unflatten(-1, (-1, lin.group)).mean(-1)
+    with torch.no_grad():
+        got, want, off = lin(x), exact(x), lin.offset(means)
+    float_means = means @ (c8 * lin.group).T
+    assert (off - float_means).abs().max() < 1e-4 * float_means.abs().max()
+    assert (got - want).norm() / want.norm() < 2e-2
+
+
+@pytest.mark.parametrize("int8_offsets", [False, True])
+def test_offset_and_plane_linears_lower_into_one_delegate(int8_offsets):
     """The group means run inside XNNPACK (mean.dim of a 4-D view): a group sum left outside cut the
     delegate at every Q4_K / plane linear (117 cuts in the 270M int8, lowering time and RSS). Not so
-    activation slices (act_slice): XNNPACK's partitioner takes no slice of a dynamic-shape tensor."""
+    activation slices (act_slice): XNNPACK's partitioner takes no slice of a dynamic-shape tensor.
+    With int8 offsets the offset linear is an 8da8w one, inside the same delegate."""
     import tempfile
     from pathlib import Path
 
@@ -243,8 +272,11 @@ def test_offset_and_plane_linears_lower_into_one_delegate():
     import edge.targets.executorch as ex
     from edge.targets import BACKENDS
 
+    first = to_offset_linear(q4k_grid(256, 128))
+    if int8_offsets:
+        first.int8_offsets()
     m = torch.nn.Sequential(
-        to_offset_linear(q4k_grid(256, 128)),
+        first,
         torch.nn.ReLU(),
         to_plane_linear(rtn_grid(torch.randn(64, 256, generator=torch.Generator().manual_seed(1)), 32)),
     ).eval()

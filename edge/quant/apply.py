@@ -155,7 +155,7 @@ def quantize_model(
         # want different formats). Same storage until quantize_ replaces each.
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
     todo = {r["name"] for r in coverage if r["scheme"] != "fp32"} - exact
-    _transcode(model, exact, grids, rows, scheme.source_act_slice)
+    _transcode(model, exact, grids, rows, scheme.source_act_slice, scheme.int8_offsets)
     _split_grouped_int8(model, scheme, todo, coverage)
     if scheme.shared_table:
         _share_table(model, head_s)
@@ -195,7 +195,12 @@ def _sites_of(name: str) -> list[str]:
 
 
 def _transcode(
-    model: nn.Module, names: set[str], grids: dict, rows: dict[str, dict], act_slice: int | None = None
+    model: nn.Module,
+    names: set[str],
+    grids: dict,
+    rows: dict[str, dict],
+    act_slice: int | None = None,
+    int8_offsets: bool = False,
 ) -> None:
     """Replace each named linear by an OffsetLinear on its source grid (edge/quant/transcode.py)."""
     from edge.quant.transcode import to_offset_linear, to_plane_linear
@@ -203,18 +208,24 @@ def _transcode(
     for name in sorted(names):
         grid, current = grids[name], model.get_submodule(name).weight
         sliced = f"; activations scaled per {act_slice} inputs" if act_slice and act_slice < grid.q.shape[1] else ""
+        offsets = "an fp32 linear"
         if grid.minimum is not None:  # Q4_K: one 4-bit plane
-            model.set_submodule(name, to_offset_linear(grid, current, act_slice))
+            lin = to_offset_linear(grid, current, act_slice)
+            if int8_offsets:
+                lin.int8_offsets()
+                offsets = "an int8 linear (8da8w per row)"
+            bits = 4 + 16 / grid.group + (8 if int8_offsets else 32) / grid.group
             rows[name]["scheme"] = f"8da4w-g{grid.group}-source-{grid.kind}"
-            rows[name]["bits_per_weight"] = 4 + 16 / grid.group + 32 / grid.group
             held = "q - 8 on XNNPACK's symmetric 4-bit kernel, bf16 group scales"
         else:  # Q8_0 / Q5_0: two 4-bit planes
-            model.set_submodule(name, to_plane_linear(grid, current, act_slice))
+            lin = to_plane_linear(grid, current, act_slice)
+            bits = 8 + 32 / grid.group + 32 / grid.group
             rows[name]["scheme"] = f"8da8w-g{grid.group}-source-{grid.kind}"
-            rows[name]["bits_per_weight"] = 8 + 32 / grid.group + 32 / grid.group
             held = "q - 8 = 16 h + l as two planes on XNNPACK's symmetric 4-bit kernel, bf16 group scales"
+        model.set_submodule(name, lin)
+        rows[name]["bits_per_weight"] = bits
         rows[name]["realized"] = (
-            f"{grid.kind} integers kept ({held}) plus per-group offsets in an fp32 linear over the inputs'"
+            f"{grid.kind} integers kept ({held}) plus per-group offsets in {offsets} over the inputs'"
             " group means" + sliced
         )
 

@@ -85,6 +85,9 @@ class Scheme:
     # group scales are the same. Measured on the 270M int4, eager: KLD 0.0222 / top-1 91.2% per row,
     # 0.0215 / 92.4% in slices of 512, 0.0213 / 92.2% of 256.
     source_act_slice: int | None = None
+    # The Q4_K linears' per-group offsets (OffsetLinear) in int8 per output row instead of fp32: a
+    # quarter of the bytes (2.1 MB on the 270M) for one int8 rounding of each offset.
+    int8_offsets: bool = False
     # Every dynamic-int8 linear takes two rows, x and its int8 rounding residual (edge/quant/split.py,
     # ActResidual): activations as good as float on XNNPACK, whose int8 kernels all quantize them.
     act_residual: bool = False
@@ -128,10 +131,11 @@ def _w(bits: int, group: int | None, rounding: Rounding = Rounding.RTN, act: Act
 
 # The 270M's mlp.gate layers whose int4 g32 rounding costs least (KLD on calibration text with only
 # that tensor at 4 bits; `benchmarks/sensitivity.py --kinds mlp.gate`, 0.0016-0.0021 for these, 0.0029-
-# 0.0034 for the most sensitive): the int4 scheme puts these at 4 bits to fit the GGUF's size. Seven
-# leave the bundle 0.47 MB over the GGUF. An eighth (layer 2, next in the ranking) fits it (252,995,728
-# bytes) but costs the band: lowered 0.0221 / top-1 91.7% (eager 0.0222 / 91.6%) vs 0.0203 / 92.0%.
-INT4_GATES = (15, 16, 13, 8, 7, 14, 9)
+# 0.0034 for the most sensitive), put at 4 bits to fit the GGUF's size. Five: the lowered 270M at
+# 0.0147 / 92.6%, but 184 KB over the GGUF (ActResidual's graph grew model.pte by 0.67 MB). Eager vs
+# fp32 (/tmp/s19/ev5.py, with int8 offsets and ActResidual): 5 gates 0.0146 / 92.6%, 7 gates 0.0189 /
+# 93.3%; without ActResidual, 5 gates 0.0187 / 91.7%; 7 gates with fp32 offsets 0.0200 / 92.3%.
+INT4_GATES = (15, 16, 13, 8, 7, 14)
 
 SCHEMES: dict[str, Scheme] = {
     s.name: s
@@ -163,9 +167,11 @@ SCHEMES: dict[str, Scheme] = {
             "int4",
             "mixed 4/8-bit within the 4-bit GGUF's size: one int8 table for the lookup and the head (8da8w per"
             " channel, stored once); linears whose source is Q4_K keep their integers exactly (8da4w g32 plus"
-            " per-group offsets); attn.wq, attn.wo (the 270M's are all Q4_K) and the seven least sensitive"
-            " mlp.gate at int4 g32 rounded by GPTQ where not; the rest 8da8w per channel; SmoothQuant scales"
-            " folded in (group-constant where a grid is kept)",
+            " per-group offsets, int8 per row); attn.wq, attn.wo (the 270M's are all Q4_K) and the"
+            f" {len(INT4_GATES)} least sensitive mlp.gate at int4 g32 rounded by GPTQ where not; the rest 8da8w"
+            " per channel; SmoothQuant"
+            " scales folded in (group-constant where a grid is kept); each activation row quantized twice, x"
+            " and its rounding residual (ActResidual)",
             _w(8, None),
             _w(8, None),
             _w(8, None, act=Act.FLOAT),
@@ -179,6 +185,8 @@ SCHEMES: dict[str, Scheme] = {
             shared_table=True,
             source_grids=True,
             source_act_slice=512,
+            int8_offsets=True,
+            act_residual=True,
         ),
         Scheme(
             "int4-hqq",

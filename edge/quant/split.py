@@ -54,6 +54,10 @@ class ColumnSplitLinear(nn.Module):
             part.weight = nn.Parameter(w[:, a : a + group].contiguous(), requires_grad=False)
             self.parts.append(part)
 
+    @property
+    def weight(self) -> torch.Tensor:  # the model reads dtypes from it
+        return self.parts[0].weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.group
         out = self.parts[0](x[..., :g])
@@ -139,12 +143,12 @@ class OffsetLinear(nn.Module):
     sums ran outside it (sum.IntList), which cut the delegate at every such linear: 117 cuts in the
     270M int8, and ExecuTorch copies the whole graph per delegate it creates (lowering time, RSS).
 
-    The 270M's 27 Q4_K linears carry 0.74M offsets, 2.9 MB in fp32: the int4 bundle is 0.6 MB over
-    the GGUF's size because of them. Stored in fp16 (<= 2^-11 relative, below the bf16 rounding of
-    the group scales) they would fit, but ExecuTorch's const-prop (ExecutorchBackendConfig
-    do_quant_fusion_and_const_prop, which the embedding fusion needs) folds the fp16 -> fp32 cast
-    of a constant back into an fp32 constant, and the matmul then leaves the delegate: measured,
-    253,726,480 bytes with fp16 vs 253,710,736 with fp32.
+    The 270M's 27 Q4_K linears carry 0.74M offsets, 2.9 MB in fp32, which left the int4 bundle 0.5 MB
+    over the GGUF's size: schemes that need the bytes store them in int8 (`int8_offsets`). Not fp16:
+    ExecuTorch's const-prop (ExecutorchBackendConfig do_quant_fusion_and_const_prop, which the
+    embedding fusion needs) folds the fp16 -> fp32 cast of a constant back into an fp32 constant
+    (measured, 253,726,480 bytes with fp16 vs 253,710,736 with fp32), and an fp16 matmul would need
+    casts that XNNPACK's partitioner refuses (ToDimOrderCopyConfig: no dtype conversion).
     """
 
     def __init__(self, main: nn.Linear | ColumnSplitLinear | PlaneSum, offset: torch.Tensor, group: int) -> None:
@@ -162,11 +166,26 @@ class OffsetLinear(nn.Module):
     @property
     def offsets(self) -> torch.Tensor:
         """c, per (output, group): the weight is main's plus c on every column of its group."""
-        return self.offset.weight / self.group
+        return self.offset.weight.dequantize() / self.group
+
+    def int8_offsets(self) -> None:
+        """Store the offsets as int8 per output row: a quarter of fp32's bytes, at one int8 rounding
+        of c. The linear is 8da8w (XNNPACK has no int8-weight / float-activation linear, see
+        ActResidual), its group means taken in two rows by ActResidual: the offsets are few (in / group
+        per output), so the second row costs ~nothing, and quantizing the means cost top-1 on the 270M.
+        """
+        from edge.quant.apply import install_intx
+
+        w = self.offset.weight.double()
+        s = w.abs().amax(dim=1, keepdim=True) / 127
+        s = torch.where(s > 0, s, 1.0)  # XNNPACK takes positive scales only (a row of zeros: q = 0)
+        self.offset.weight = nn.Parameter(((w / s).round().clamp(-127, 127) * s).float(), requires_grad=False)
+        install_intx(self.offset, bits=8, group=None, scale=s.float())
+        self.offset = ActResidual(self.offset)
 
     @property
     def weight(self) -> torch.Tensor:  # the model reads dtypes from it
-        return self.main.parts[0].weight if isinstance(self.main, ColumnSplitLinear) else self.main.weight
+        return self.main.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.in_features // self.group
