@@ -218,17 +218,19 @@ def estimate_peak_bytes(
     """Preflight estimate of the export's peak RSS: the fp32 model, golden capture, and lowering.
 
     Measured peaks: 270M (1.07 GB of fp32 weights; 0.64 GB of logits for the 612-token golden
-    prompt): XNNPACK int4 5.1 GB (SmoothQuant's capture and alpha search are the quantized peak) and
-    int8 9.2 GB (its lowering), fp32 6.3 GB, CoreML weight-only 7.1 GB, Vulkan fp32 6.2 GB; gemma2-2b
-    random weights (10.5 GB fp32), XNNPACK int4: 19.2 GB (`/usr/bin/time -v edge export --variant
-    2b --target android --random-weights`). This formula gives 5.1 and 21.0 GB for those two.
+    prompt): XNNPACK int4 9.5 GB and int8 9.2 GB (the lowering of ActResidual's graph; int4 without
+    it: 5.1 GB, SmoothQuant's capture and alpha search), fp32 6.3 GB, CoreML weight-only 7.1 GB,
+    Vulkan fp32 6.2 GB; gemma2-2b random weights (10.5 GB fp32), XNNPACK int4 before ActResidual:
+    19.2 GB (`/usr/bin/time -v edge export --variant 2b --target android --random-weights`). This
+    formula gives 9.8 GB for the 270M int4 and 27.8 GB for the 2B's (not measured with ActResidual:
+    the per-layer term is fitted on the 270M, so a 24 GB host refuses it).
     LiteRT int4 11.1 GB (litert-torch converts four signatures of the float model, the head untied:
     factor 7.3); ONNX int8-wo / int4-wo 7.6 / 7.4 GB, fp32 4.8 GB (factor 4.0).
     """
     fp32 = 4 * n_params
     golden = 612 * vocab * 4 * 2  # the long prompt's logits and one working copy
     factor = {"coreml": 4.5, "litert": 7.3, "onnx": 4.0}.get(backend, 1.7 if quantized else 4.0)
-    # ActResidual schemes (int8): XNNPACK's lowering of the two-row graph, ~20 more ops per linear,
+    # ActResidual schemes (int8, int4): XNNPACK's lowering of the two-row graph, ~20 more ops per linear,
     # peaked at 9.2 GB on the 270M (18 layers; 4.9 GB before): ~0.26 GB per layer over the formula.
     graph = 0.26e9 * n_layers if act_residual and backend == "xnnpack" else 0
     return int(fp32 * factor + golden + 2.0e9 + graph)

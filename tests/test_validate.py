@@ -103,6 +103,20 @@ def test_tampered_bundle_exits_2_naming_the_file(tiny_bundle, tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_a_bundle_from_another_version_of_its_scheme_is_refused_for_the_quantized_stage(tiny_bundle, tmp_path):
+    """The quantized stage rebuilds the scheme by name; a manifest recording another definition of it
+    (here: another lowering band) must not be compared with this version's model."""
+    import json
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle["path"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["quant"]["scheme"]["lowering_max_kld"] *= 2
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EdgeError, match="lowering_max_kld differ"):
+        validate(copy, stages=["quantized"])
+
+
 def test_bad_inputs_exit_2(validated, tiny_bundle, tmp_path):
     _, dump = validated
     cases = [

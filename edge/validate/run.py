@@ -20,6 +20,7 @@ that `--device-logits` reads back on the host. Nothing heavy is imported at modu
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from edge.errors import EdgeError
@@ -150,9 +151,23 @@ def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
         from edge.quant.transcode import grids_for
 
         scheme = get_scheme(manifest["quant"]["scheme"]["name"])
+        _check_same_scheme(manifest["quant"]["scheme"], scheme)
         calib = calibration(loaded.tokenizer, loaded.config.vocab_size) if scheme.calibrated else None
         quantize_model(model, scheme, calib, grids=grids_for(loaded, scheme))
     return st.eager_logits(model)
+
+
+def _check_same_scheme(recorded: dict, scheme) -> None:
+    """The quantized stage rebuilds the scheme by name from this version's table: a bundle made by a
+    version whose scheme of that name differed would be compared with another model, silently."""
+    now = json.loads(json.dumps(scheme.to_dict()))
+    differ = sorted(k for k in now.keys() | recorded.keys() if k != "description" and now.get(k) != recorded.get(k))
+    if differ:
+        raise EdgeError(
+            f"the bundle's {scheme.name!r} scheme is not this gemma-edge's ({', '.join(differ)} differ): its"
+            " quantized stage cannot be rebuilt here",
+            hint="re-export the bundle with this version, or run --stages reference,re-authored,lowered",
+        )
 
 
 def _load_weights(manifest: dict):
