@@ -170,9 +170,8 @@ SCHEMES: dict[str, Scheme] = {
             " channel, stored once); linears whose source is Q4_K keep their integers exactly (8da4w g32 plus"
             " per-group offsets, int8 per row); attn.wq, attn.wo (the 270M's are all Q4_K) and the"
             f" {len(INT4_GATES)} least sensitive mlp.gate at int4 g32 rounded by GPTQ where not; the rest 8da8w"
-            " per channel; SmoothQuant"
-            " scales folded in (group-constant where a grid is kept); each activation row quantized twice, x"
-            " and its rounding residual (ActResidual)",
+            " per channel; SmoothQuant scales folded in (group-constant where a grid is kept); each activation"
+            " row quantized twice, x and its rounding residual (ActResidual)",
             _w(8, None),
             _w(8, None),
             _w(8, None, act=Act.FLOAT),

@@ -175,12 +175,12 @@ class OffsetLinear(nn.Module):
         per output), so the second row costs ~nothing, and quantizing the means cost top-1 on the 270M.
         """
         from edge.quant.apply import install_intx
+        from edge.quant.transcode import rtn_grid
 
-        w = self.offset.weight.double()
-        s = w.abs().amax(dim=1, keepdim=True) / 127
-        s = torch.where(s > 0, s, 1.0)  # XNNPACK takes positive scales only (a row of zeros: q = 0)
-        self.offset.weight = nn.Parameter(((w / s).round().clamp(-127, 127) * s).float(), requires_grad=False)
-        install_intx(self.offset, bits=8, group=None, scale=s.float())
+        # One group per row; its scales are positive (clamped), as XNNPACK requires, a row of zeros too.
+        grid = rtn_grid(self.offset.weight, self.offset.in_features)
+        self.offset.weight = nn.Parameter(grid.q.float() * grid.scale, requires_grad=False)
+        install_intx(self.offset, bits=8, group=None, scale=grid.scale)
         self.offset = ActResidual(self.offset)
 
     @property
