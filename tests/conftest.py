@@ -139,7 +139,13 @@ def check_lowering_adds_only_noise(prompts, model, runner, scheme, label: str, f
     first golden prompt alone, 66 tokens: 3.8e-3, as on all three):
 
     1. pointwise: KLD within 3x eager's own floor -- a dropped scale or a wrong op is far above;
-    2. no systematic error: vs the fp32 reference, the artifact's KLD is within eager's + floor;
+    2. no systematic error: vs the fp32 reference, the artifact's KLD exceeds eager's by no more than
+       eager's floor or three standard errors of their per-position difference, whichever is larger.
+       A paired test, as the floor alone bounds nothing once eager is not chaotic: with ActResidual
+       (int4) eager's floor is 1e-7, yet a pointwise divergence d moves a KLD against a third
+       distribution at first order (~sqrt(d)), one way or the other at each position -- measured on
+       the 270M int4: pointwise 1.4e-6, vs fp32 lowered 0.015278 and eager 0.015246. A systematic
+       error (a dropped scale, a wrong op) moves every position the same way: many errors out;
     3. a sign test on top-1: where artifact and eager disagree, the fp32 argmax sides with either
        by chance; a lowering error would make it side with eager (two sigma: b - a <= 2 sqrt(a+b) + 1).
     """
@@ -167,12 +173,17 @@ def check_lowering_adds_only_noise(prompts, model, runner, scheme, label: str, f
         eager_right += int((differ & (e == ref_top1)).sum())
     n = sum(len(p.ids) for p in prompts)
     kld, noise = np.concatenate(pointwise).mean(), np.concatenate(floor).mean()
-    ref = {k: evaluate(prompts, lambda ids, c=c: c[tuple(ids)])["overall"]["mean_kld"] for k, c in seen.items()}
+    scored = {k: evaluate(prompts, lambda ids, c=c: c[tuple(ids)]) for k, c in seen.items()}
+    ref = {k: r["overall"]["mean_kld"] for k, r in scored.items()}
+    by_pos = {k: np.concatenate([r["kld_by_position"][p.name] for p in prompts]) for k, r in scored.items()}
+    excess = by_pos["lowered"] - by_pos["eager"]
+    stderr = excess.std(ddof=1) / len(excess) ** 0.5
     print(
         f"{label}: lowered vs eager KLD {kld:.2e}, {flips}/{n} top-1 flips (eager vs itself {noise:.2e}); "
-        f"vs fp32 KLD eager {ref['eager']:.4f} lowered {ref['lowered']:.4f}; where they differ, fp32 sides "
+        f"vs fp32 KLD eager {ref['eager']:.6f} lowered {ref['lowered']:.6f} (excess {excess.mean():.2e} "
+        f"+- {stderr:.2e}); where they differ, fp32 sides "
         f"with the artifact {artifact_right}x, with eager {eager_right}x"
     )
     assert kld < max(scheme.lowering_max_kld, 3 * noise), (kld, noise)
-    assert ref["lowered"] <= ref["eager"] + noise, ref
+    assert excess.mean() <= max(noise, 3 * stderr), (ref, excess.mean(), noise, stderr)
     assert eager_right - artifact_right <= 2 * (artifact_right + eager_right) ** 0.5 + 1, (artifact_right, eager_right)
