@@ -248,11 +248,13 @@ def export(
     out: str | Path | None = None,
     force: bool = False,
     on_quantized=None,
+    max_kld: float | None = None,
 ) -> dict:
     """load -> golden (fp32 reference) -> quantize -> export -> lower -> serialize -> bundle. Returns the manifest.
 
     on_quantized: called with the quantized eager model (the `quantized` stage) before it is lowered, for
     callers that compare the artifact with it (tests, benchmarks) without quantizing a second time.
+    max_kld: with quant="auto", the calibration-text mean KLD budget (default: the int4 band).
     """
     import psutil
 
@@ -265,7 +267,19 @@ def export(
     # Everything the user typed is checked here, before the first slow step.
     v = get_variant(variant)
     plan = resolve(target, backend, quant)
-    scheme = get_scheme(plan.scheme_name)
+    auto, budget = plan.scheme_name == "auto", None
+    if max_kld is not None and not auto:
+        raise EdgeError("--max-kld is the budget of --quant auto", hint="add --quant auto, or drop --max-kld")
+    if auto:
+        from edge.quant import auto as auto_mod
+
+        budget = auto_mod.default_budget() if max_kld is None else max_kld
+        if not 0 < budget < 10:
+            raise EdgeError(
+                f"--max-kld {max_kld} is out of range", hint="give a mean KLD in nats, e.g. 0.03 (int4's band)"
+            )
+    # auto: its base scheme stands in for the checks and estimates below until the search picks.
+    scheme = get_scheme(auto_mod.BASE if auto else plan.scheme_name)
     if not 16 <= max_seq_len <= v.config.max_position:
         raise EdgeError(
             f"--max-seq-len {max_seq_len} is out of range for {v.name}",
@@ -278,12 +292,16 @@ def export(
             f"{v.name} has no weights on this machine",
             hint="pass --weights PATH (a .gguf file or a Hugging Face folder) or --random-weights",
         )
-    out = Path(out) if out is not None else default_out(v.name, plan.target.name, plan.backend.name, scheme.name)
+    out = Path(out) if out is not None else default_out(v.name, plan.target.name, plan.backend.name, plan.scheme_name)
     bundle_mod.check_destination(out, force)
     need = estimate_peak_bytes(
-        v.config.num_params(), v.config.vocab_size, scheme.quantized, plan.backend.name,
-        v.config.n_layers, scheme.act_residual,
-    )  # fmt: skip
+        v.config.num_params(),
+        v.config.vocab_size,
+        scheme.quantized,
+        plan.backend.name,
+        v.config.n_layers,
+        scheme.act_residual,
+    ) + (3 * 4 * v.config.num_params() if auto else 0)  # fmt: skip  (auto: the smoothed copy, a candidate, the best)
     avail = psutil.virtual_memory().available
     if need > avail:
         raise EdgeError(
@@ -302,7 +320,7 @@ def export(
 
     torch.set_grad_enabled(False)
     stages = Stages()
-    say(f"exporting {v.name} for {plan.target.name}: {plan.backend.name} {scheme.name} -> {out}")
+    say(f"exporting {v.name} for {plan.target.name}: {plan.backend.name} {plan.scheme_name} -> {out}")
     with bundle_mod.staging(out, force) as tmp:
         with stages.run("load", v.weight_source if not random_weights else f"random weights, seed {seed}"):
             loaded = load_weights(v, weights, random_weights, seed)
@@ -310,10 +328,15 @@ def export(
             loaded.tensors = {}  # the model now holds the only reference: quantizing frees the fp32 weights
         with stages.run("golden", "fp32 reference logits on the golden prompts"):
             golden_mod.save(tmp / "golden.npz", golden_mod.capture(model, loaded.tokenizer, max_seq_len))
-        with stages.run("quantize", scheme.description):
+        auto_record = None
+        detail = f"auto: fewest bytes within mean KLD {budget:g} on calibration text" if auto else scheme.description
+        with stages.run("quantize", detail):
             calib = calibration(loaded.tokenizer, v.config.vocab_size) if scheme.calibrated else None
             grids = grids_for(loaded, scheme)
-            coverage = quantize_model(model, scheme, calib, progress=counter, grids=grids)
+            if auto:
+                model, scheme, coverage, auto_record = auto_mod.choose(model, calib, grids, budget, progress=counter)
+            else:
+                coverage = quantize_model(model, scheme, calib, progress=counter, grids=grids)
             del grids
         impl = plan.backend.impl()
         tok = loaded.tokenizer
@@ -340,7 +363,7 @@ def export(
             "backend_family": plan.backend.family,
             "artifact": plan.backend.artifact,
             "runs_on_this_host": plan.backend.runs_here,
-            "quant": {"scheme": scheme.to_dict(), "coverage": coverage},
+            "quant": {"scheme": scheme.to_dict(), "coverage": coverage, **({"auto": auto_record} if auto else {})},
             "io": lowered.io,
             "delegation": lowered.delegation,
             "max_seq_len": max_seq_len,

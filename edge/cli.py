@@ -120,8 +120,13 @@ def export(
         typer.Option(
             "--quant",
             "-q",
-            help="fp32 | int8 | int4 | int4-hqq | int4-g128 | int8-wo | int4-wo | rtn-* (by backend: README)",
+            help="fp32 | int8 | int4 | int4-hqq | int4-g128 | int8-wo | int4-wo | rtn-* (by backend: README),"
+            " or auto: the fewest bytes within --max-kld",
         ),
+    ] = None,
+    max_kld: Annotated[
+        float | None,
+        typer.Option("--max-kld", help="With --quant auto: mean KLD budget on calibration text (default 0.03)."),
     ] = None,
     weights: WeightsOpt = None,
     random_weights: RandomOpt = False,
@@ -145,6 +150,7 @@ def export(
         max_seq_len=max_seq_len,
         out=out,
         force=force,
+        max_kld=max_kld,
     )
     if as_json:
         _print_json(manifest)

@@ -110,6 +110,7 @@ def quantize_model(
     calib: list[list[int]] | None = None,
     progress: Callable[[str], Callable[[int, int], None]] | None = None,
     grids: dict | None = None,
+    smoothed: dict | None = None,
 ) -> list[dict]:
     """Quantize in place; returns the coverage report. The fp32 weights are freed as they are replaced.
 
@@ -118,6 +119,8 @@ def quantize_model(
     progress: label -> a callback(done, total) (edge.progress.counter), for the slow loops.
     grids: our linear name -> its source Grid (edge/quant/transcode.py, source_grids) for schemes
     with `source_grids`: those linears keep the source's integers instead of being re-rounded.
+    smoothed: fold_smoothing()'s report when `model` already holds the scheme's SmoothQuant scales
+    (`--quant auto` folds them once for all its candidates: they depend on none of its choices).
     """
     coverage = plan(model, scheme)
     if not scheme.quantized:
@@ -128,17 +131,8 @@ def quantize_model(
 
     exact = transcodable(scheme, coverage, grids)
     if scheme.smooth:
-        if not calib:
-            raise ValueError(f"scheme {scheme.name!r} folds SmoothQuant scales: pass calibration token ids")
-        from edge.quant.smooth import smooth
-
-        q = scheme.linear
-        group_sites = {}
-        for name in exact:
-            for site in _sites_of(name):
-                group_sites[site] = grids[name].group
-        report = smooth(model, calib, weight_bits=q.bits, group_size=q.group, group_sites=group_sites,
-                        progress=progress and progress("SmoothQuant sites"))  # fmt: skip
+        report = smoothed if smoothed is not None else fold_smoothing(model, scheme, calib, grids, progress)
+        group_sites = _group_sites(exact, grids)
         head_s = report.get("lm_head", {}).get("s")
         for site, r in report.items():
             for name in _site_consumers(site):
@@ -182,6 +176,23 @@ def quantize_model(
             if any(w == r["name"] or w.startswith(r["name"] + ".") for w in wrapped):
                 r["activations"] = "dynamic int8, twice: x and its rounding residual, two rows of one call"
     return coverage
+
+
+def _group_sites(exact: set[str], grids: dict | None) -> dict[str, int]:
+    """Smoothing site -> the group its scales stay constant over (a kept grid's linears read it)."""
+    return {site: grids[name].group for name in exact for site in _sites_of(name)}
+
+
+def fold_smoothing(model: nn.Module, scheme: Scheme, calib, grids: dict | None, progress=None) -> dict:
+    """Search SmoothQuant scales on `calib` and fold them into the fp32 model, in place; returns the report."""
+    if not calib:
+        raise ValueError(f"scheme {scheme.name!r} folds SmoothQuant scales: pass calibration token ids")
+    from edge.quant.smooth import smooth
+
+    q = scheme.linear
+    group_sites = _group_sites(transcodable(scheme, plan(model, scheme), grids), grids)
+    return smooth(model, calib, weight_bits=q.bits, group_size=q.group, group_sites=group_sites,
+                  progress=progress and progress("SmoothQuant sites"))  # fmt: skip
 
 
 def _sites_of(name: str) -> list[str]:

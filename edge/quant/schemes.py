@@ -124,6 +124,20 @@ class Scheme:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Scheme:
+        """The inverse of to_dict, from a manifest's JSON (a `--quant auto` scheme exists only there)."""
+
+        def wq(x: dict | None) -> WeightQuant | None:
+            return None if x is None else WeightQuant(x["bits"], x["group"], Act(x["act"]), Rounding(x["rounding"]))
+
+        fields = dict(d)
+        for k in ("linear", "head", "embedding"):
+            fields[k] = wq(d[k])
+        fields["band"] = Band(**d["band"]) if d.get("band") else None
+        fields["overrides"] = tuple((name, wq(q)) for name, q in d.get("overrides", ()))
+        return cls(**fields)
+
 
 def _w(bits: int, group: int | None, rounding: Rounding = Rounding.RTN, act: Act = Act.DYNAMIC_INT8) -> WeightQuant:
     return WeightQuant(bits=bits, group=group, act=act, rounding=rounding)

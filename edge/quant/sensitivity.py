@@ -22,7 +22,9 @@ def _log_probs(model: nn.Module, calib: Sequence[Sequence[int]]) -> list[torch.T
     from edge.runtime.eager import EagerRunner
 
     runner = EagerRunner(model)
-    return [torch.log_softmax(torch.from_numpy(runner.all_logits(list(ids))), -1) for ids in calib]
+    # As SmoothQuant's capture: a sequence longer than the model's KV cache is cut to it.
+    cut = [list(ids)[: model.max_seq_len] for ids in calib]
+    return [torch.log_softmax(torch.from_numpy(runner.all_logits(ids)), -1) for ids in cut]
 
 
 def _kld(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:

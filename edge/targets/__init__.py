@@ -156,9 +156,19 @@ def resolve(target: str, backend: str | None, quant: str | None) -> Plan:
             hint=f"for {t.name} use one of: {', '.join(built)}" if built else "no backend for this target is built yet",
         )
     b = BACKENDS[name]
+    from edge.quant.auto import BASE as AUTO_BASE
+
     scheme = quant or (t.default_quant if t.default_quant in b.schemes else b.default_quant or b.schemes[0])
+    if scheme == "auto":  # searches which linears of its base scheme go to 4 bits (edge/quant/auto.py)
+        if AUTO_BASE not in b.schemes:
+            raise EdgeError(
+                f"backend {b.name} cannot lower --quant auto (it mixes {AUTO_BASE}'s formats)",
+                hint=f"{b.name} supports: {', '.join(b.schemes)}",
+            )
+        b.require()
+        return Plan(t, b, scheme)
     if scheme not in SCHEMES:
-        raise EdgeError(f"unknown quantization scheme {scheme!r}", hint=f"choose one of: {', '.join(SCHEMES)}")
+        raise EdgeError(f"unknown quantization scheme {scheme!r}", hint=f"choose one of: {', '.join(SCHEMES)}, or auto")
     if scheme not in b.schemes:
         raise EdgeError(
             f"backend {b.name} cannot lower scheme {scheme!r}", hint=f"{b.name} supports: {', '.join(b.schemes)}"

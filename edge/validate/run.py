@@ -147,11 +147,15 @@ def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
     model = loaded.build(manifest["max_seq_len"])
     if stage == "quantized":
         from edge.quant.apply import calibration, quantize_model
-        from edge.quant.schemes import get_scheme
+        from edge.quant.schemes import Scheme, get_scheme
         from edge.quant.transcode import grids_for
 
-        scheme = get_scheme(manifest["quant"]["scheme"]["name"])
-        _check_same_scheme(manifest["quant"]["scheme"], scheme)
+        recorded = manifest["quant"]["scheme"]
+        if recorded["name"] == "auto":  # its per-tensor choice exists only in the manifest
+            scheme = Scheme.from_dict(recorded)
+        else:
+            scheme = get_scheme(recorded["name"])
+            _check_same_scheme(recorded, scheme)
         calib = calibration(loaded.tokenizer, loaded.config.vocab_size) if scheme.calibrated else None
         quantize_model(model, scheme, calib, grids=grids_for(loaded, scheme))
     return st.eager_logits(model)
