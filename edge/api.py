@@ -254,7 +254,7 @@ def export(
 
     on_quantized: called with the quantized eager model (the `quantized` stage) before it is lowered, for
     callers that compare the artifact with it (tests, benchmarks) without quantizing a second time.
-    max_kld: with quant="auto", the calibration-text mean KLD budget (default: the int4 band).
+    max_kld: with quant="auto", the mean KLD budget on held-out text (default: the int4 band).
     """
     import psutil
 
@@ -329,7 +329,7 @@ def export(
         with stages.run("golden", "fp32 reference logits on the golden prompts"):
             golden_mod.save(tmp / "golden.npz", golden_mod.capture(model, loaded.tokenizer, max_seq_len))
         auto_record = None
-        detail = f"auto: fewest bytes within mean KLD {budget:g} on calibration text" if auto else scheme.description
+        detail = f"auto: fewest bytes within mean KLD {budget:g} on held-out text" if auto else scheme.description
         with stages.run("quantize", detail):
             calib = calibration(loaded.tokenizer, v.config.vocab_size) if scheme.calibrated else None
             grids = grids_for(loaded, scheme)

@@ -126,7 +126,7 @@ def export(
     ] = None,
     max_kld: Annotated[
         float | None,
-        typer.Option("--max-kld", help="With --quant auto: mean KLD budget on calibration text (default 0.03)."),
+        typer.Option("--max-kld", help="With --quant auto: mean KLD budget on held-out text (default 0.03)."),
     ] = None,
     weights: WeightsOpt = None,
     random_weights: RandomOpt = False,
