@@ -17,7 +17,7 @@ table for the lookup and the head, ActResidual) but which linears go to 4 bits: 
    adds a more sensitive tensor): the largest n within the budget, i.e. the smallest model. If even
    n = 0 misses the budget, auto refuses with the best figure it reached.
 
-Cost: the sensitivity pass (one forward over the calibration text per linear) and one quantization
+Cost: the sensitivity pass (one forward per linear over the head of each calibration text) and one quantization
 per candidate, 2 + ceil(log2 N) of them.
 """
 
@@ -27,7 +27,6 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import torch
 from torch import nn
 
 from edge.errors import EdgeError
@@ -113,29 +112,20 @@ def sampled_text(model: nn.Module, bos: int, n: int = EVAL_TEXTS, length: int = 
     return out
 
 
-def _mean_kld(ref: list[torch.Tensor], model: nn.Module, calib: Sequence[Sequence[int]]) -> float:
-    from edge.quant.sensitivity import _kld, _log_probs
-
-    return _kld(ref, _log_probs(model, calib))
-
-
 def choose(
     model: nn.Module,
     calib: list[list[int]],
     grids: dict | None,
     budget: float,
     progress: Callable[[str], Callable[[int, int], None]] | None = None,
-    quantize: Callable | None = None,
 ) -> tuple[nn.Module, Scheme, list[dict], dict]:
     """Search; returns (the chosen quantized model, its scheme, its coverage, the manifest's record).
 
     `model` (fp32) is left as it was; each candidate is quantized on a copy of it.
-    quantize: quantize_model's stand-in (tests); by default edge.quant.apply.quantize_model.
     """
     from edge.quant.apply import fold_smoothing, quantize_model
-    from edge.quant.sensitivity import _log_probs, sensitivity
+    from edge.quant.sensitivity import _kld, _log_probs, sensitivity
 
-    quantize = quantize or quantize_model
     base = SCHEMES[BASE]
     names = flexible(model, base, grids)
     say(f"  auto: sensitivity of {len(names)} linears at 4 bits, one at a time, on the calibration text")
@@ -154,8 +144,8 @@ def choose(
     def measure(n: int) -> Candidate:
         if n not in tried:
             q = copy.deepcopy(smoothed)
-            coverage = quantize(q, scheme_with(base, order[:n], budget), calib, grids=grids, smoothed=report)
-            c = Candidate(n, _mean_kld(ref, q, held_out), linear_bytes(model, names, set(order[:n])) / 1e6)
+            coverage = quantize_model(q, scheme_with(base, order[:n], budget), calib, grids=grids, smoothed=report)
+            c = Candidate(n, _kld(ref, _log_probs(q, held_out)), linear_bytes(model, names, set(order[:n])) / 1e6)
             ok = "within" if c.mean_kld <= budget else "over"
             say(f"  auto: {n:>3} / {len(names)} linears at 4 bits: {c.linear_mb:7.1f} MB of linear weights,"
                 f" held-out KLD {c.mean_kld:.5f} ({ok} {budget:g})")  # fmt: skip
