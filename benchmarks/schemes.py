@@ -2,11 +2,15 @@
 
     .venv/bin/python benchmarks/schemes.py --backend xnnpack --quant fp32,int8,int4,int4-g128 --out /tmp/bench
 
-For each scheme: `edge export` (wall time, and peak RSS from the manifest), `edge validate --stages
+A scheme is a `--quant` name, or `auto@X` for `--quant auto --max-kld X`. For each: `edge export`
+(time per stage and peak RSS from the bundle's manifest), `edge validate --stages
 quantized,lowered` (mean KLD and top-1 vs fp32, and lowered vs the eager quantized model), then
 decode speed through the artifact's runner on N threads: a 32-token prompt, 64 greedy decode steps,
 `--repeats` alternated rounds over all bundles (medians), so that load on this shared machine hits
-every scheme alike. Writes results.json and prints a Markdown table.
+every scheme alike. Writes results-<backend>.json and prints a Markdown table.
+
+A bundle already complete in --out (its manifest.json written, which `edge export` does last) is
+reused, not re-exported, so a run cut short resumes where it stopped; --force re-exports all.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 EDGE = [sys.executable, "-m", "edge"]
@@ -27,18 +30,24 @@ def model_files(manifest: dict) -> list[str]:
     return [manifest["artifact"], *([weights["file"]] if weights else [])]
 
 
-def export(backend: str, target: str, quant: str, out: Path) -> dict:
-    t = time.perf_counter()
-    cmd = [*EDGE, "export", "--variant", "270m", "--target", target, "--backend", backend, "--quant", quant]
-    subprocess.run([*cmd, "--out", str(out), "--force"], check=True)
-    wall = time.perf_counter() - t
+def quant_args(scheme: str) -> list[str]:
+    """`int4` -> --quant int4; `auto@0.05` -> --quant auto --max-kld 0.05."""
+    quant, _, budget = scheme.partition("@")
+    return ["--quant", quant, *(["--max-kld", budget] if budget else [])]
+
+
+def export(backend: str, target: str, scheme: str, out: Path, force: bool) -> dict:
+    if force or not (out / "manifest.json").exists():
+        cmd = [*EDGE, "export", "--variant", "270m", "--target", target, "--backend", backend, *quant_args(scheme)]
+        subprocess.run([*cmd, "--out", str(out), "--force"], check=True)
     manifest = json.loads((out / "manifest.json").read_text())
+    stages = {s["name"]: s["seconds"] for s in manifest["stages"]}
     return {
-        "export_s": round(wall, 1),
+        "export_s": round(sum(stages.values()), 1),
         "peak_rss_gb": round(manifest["peak_rss_mb"] / 1024, 2),
         # The artifact and its weight file when the weights live outside it (model.ptd): what a device loads.
         "artifact_mb": round(sum(manifest["files"][f]["bytes"] for f in model_files(manifest)) / 1e6, 1),
-        "stages_s": {s["name"]: s["seconds"] for s in manifest["stages"]},
+        "stages_s": stages,
     }
 
 
@@ -85,15 +94,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/gemma-edge-bench"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-export", action="store_true", help="reuse bundles already in --out")
+    ap.add_argument("--force", action="store_true", help="re-export bundles already complete in --out")
     args = ap.parse_args()
     schemes = args.quant.split(",")
     rows = {}
     for q in schemes:
         out = args.out / f"{args.backend}-{q}"
-        rows[q] = {} if args.skip_export else export(args.backend, args.target, q, out)
-        rows[q] |= validate(out, q != "fp32")
-        print(q, rows[q], file=sys.stderr)
+        rows[q] = export(args.backend, args.target, q, out, args.force) | validate(out, q != "fp32")
+        print(q, rows[q], file=sys.stderr, flush=True)
     speeds = {q: [] for q in schemes}
     for _ in range(args.repeats):  # alternate: every scheme once per round
         for q in schemes:
