@@ -106,6 +106,7 @@ def doctor() -> dict:
         "torchao",
         "litert-torch",
         "ai-edge-litert",
+        "litert-lm-builder",
         "onnx",
         "onnxruntime",
         "gguf",
@@ -151,6 +152,7 @@ def _tool_versions() -> dict:
         "coremltools",
         "litert-torch",
         "ai-edge-litert",
+        "litert-lm-builder",
         "onnx",
         "onnxscript",
         "onnxruntime",
@@ -210,6 +212,17 @@ def _generate_bundle(bundle, prompt, max_new_tokens, chat, sampling, on_text) ->
 
 def default_out(variant: str, target: str, backend: str, quant: str) -> Path:
     return Path("exports") / f"{variant}-{target}-{backend}-{quant}"
+
+
+def _special_ids(tok) -> dict:
+    return {
+        "bos": tok.bos_id,
+        "eos": tok.eos_id,
+        "pad": tok.pad_id,
+        "start_of_turn": tok.start_of_turn_id,
+        "end_of_turn": tok.end_of_turn_id,
+        "stop": list(tok.stop_ids),
+    }
 
 
 def estimate_peak_bytes(
@@ -355,6 +368,11 @@ def export(
         for name, data in lowered.files.items():
             (tmp / name).write_bytes(data)
         tok.save(tmp / "tokenizer.model")
+        chat = {"jinja": CHAT_TEMPLATE, "user_turn": tok.chat_prompt("{prompt}")}
+        package = getattr(impl, "package", None)  # a runtime's own bundle of the artifact (LiteRT-LM)
+        if package is not None:
+            with stages.run("package", package.__doc__.splitlines()[0]):
+                lowered.io["package"] = package(tmp, plan.backend.artifact, max_seq_len, _special_ids(tok), chat)
         manifest = {
             "variant": v.name,
             "arch": loaded.config.to_dict(),
@@ -367,21 +385,14 @@ def export(
             "io": lowered.io,
             "delegation": lowered.delegation,
             "max_seq_len": max_seq_len,
-            "special_ids": {
-                "bos": tok.bos_id,
-                "eos": tok.eos_id,
-                "pad": tok.pad_id,
-                "start_of_turn": tok.start_of_turn_id,
-                "end_of_turn": tok.end_of_turn_id,
-                "stop": list(tok.stop_ids),
-            },
+            "special_ids": _special_ids(tok),
             "tokenizer": {
                 "file": "tokenizer.model",
                 "kind": "sentencepiece",
                 "vocab_size": tok.vocab_size,
                 "add_bos": "the caller adds BOS (ExecuTorch runners: GenerationConfig num_bos=1)",
             },
-            "chat_template": {"jinja": CHAT_TEMPLATE, "user_turn": tok.chat_prompt("{prompt}")},
+            "chat_template": chat,
             "golden": {
                 "file": "golden.npz",
                 "reference": "re-authored fp32 eager (== transformers, see tests)",

@@ -8,6 +8,7 @@ import pytest
 from conftest import check_lowering_adds_only_noise
 from edge import api
 from edge.models.loading import load_weights
+from edge.models.tokenizer import Tokenizer
 from edge.models.variants import get_variant
 from edge.quant.apply import calibration, quantize_model
 from edge.quant.schemes import SCHEMES
@@ -59,3 +60,27 @@ def test_accuracy_vs_fp32_is_measured(exported, backend):
     # artifact equals it to 7e-12), as round-to-nearest int4 g32 with float activations costs on this
     # model (edge/quant/gptq.py: 0.400 / 66.6% on the linears alone); litert int4-hqq passed < 0.35.
     assert o["mean_kld"] < 0.5 and o["top1"] > 0.6
+
+
+def test_the_real_litertlm_generates_in_litert_lm_what_our_runner_generates(exported):
+    """The bundle's model.litertlm in the stock LiteRT-LM runtime: its greedy tokens are those of our .tflite runner."""
+    litert_lm = pytest.importorskip("litert_lm", reason="pip install litert-lm-api==0.18.1 (the litert extra)")
+    manifest, _ = exported["litert"]
+    entry = manifest["io"]["package"]
+    assert entry["file"] in manifest["files"]
+    prompt, n = "The three primary colors are", 24
+    engine = litert_lm.Engine(f"{manifest['path']}/{entry['file']}", max_num_tokens=manifest["max_seq_len"])
+    session = engine.create_session(
+        apply_prompt_template=False, sampler_config=litert_lm.SamplerConfig(top_k=1), max_output_tokens=n
+    )
+    session.run_prefill([prompt])
+    text = session.run_decode().texts[0]
+    session.close()
+    engine.close()
+    runner, tok = api.open_runner(manifest), Tokenizer(f"{manifest['path']}/{manifest['tokenizer']['file']}")
+    logits, out = runner.prefill(tok.encode(prompt)), []
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = runner.decode(out[-1])
+    print(f"LiteRT-LM: {text!r}")
+    assert text == tok.decode(out)

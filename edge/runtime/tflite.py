@@ -52,7 +52,7 @@ class TfliteRunner:
         )
         self.kv = {name: out[name] for name in self.kv_names}
         self.pos += n
-        return out["logits"][0]
+        return out["logits"].reshape(-1)  # [1, 1, V]: the last position's
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         logits, i = None, 0

@@ -4,11 +4,13 @@ The interface follows litert-torch's own Gemma 3 export (shared/notes/litert-att
 signatures `prefill_<N>` (fixed N) and `decode` (N = 1), inputs `tokens` int32 [1, N],
 `input_pos` int32 [N] (consecutive positions), `kv_cache_k_<i>` / `kv_cache_v_<i>` float32
 [1, n_kv_heads, max_seq_len, head_dim]; outputs the same KV tensors, written at input_pos with
-`tfl.dynamic_update_slice`, and `logits` float32 [1, V] of the last position. Differences from the
-stock export, recorded in the manifest's io section: every signature returns logits (a runner can
-stop a prompt on a prefill), the attention mask is computed inside from input_pos (no `mask`
-input), and V is stored like K, not transposed. So LiteRT-LM's stock Gemma 3 pipeline cannot
-drive this file as is; our runner (edge/runtime/tflite.py) can, with only numpy + ai-edge-litert.
+`tfl.dynamic_update_slice`, and `logits` float32 [1, 1, V] of the last position. Differences from
+the stock export, recorded in the manifest's io section: every signature returns logits (a runner
+can stop a prompt on a prefill), the attention mask is computed inside from input_pos (no `mask`
+input), and V is stored like K, not transposed. LiteRT-LM needs none of those three (it passes the
+KV tensors through by name, whatever their layout): it runs this file from `model.litertlm`
+(`package`), and our runner (edge/runtime/tflite.py) runs the `.tflite` with only numpy +
+ai-edge-litert.
 
 litert-torch lowers torchao's quantized tensors itself (converter v2, `use_v2=True`): weight-only
 per-channel and blockwise int8 / int4, and dynamic int8 activations with per-channel weights;
@@ -18,6 +20,8 @@ dynamic activations with blockwise weights raise NotImplementedError there
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -25,6 +29,8 @@ from edge.targets.executorch import Lowered
 from edge.targets.functional import functional_step, metadata  # noqa: F401  (the backend interface)
 
 PREFILL_LENGTHS = (8, 32, 128)
+LITERTLM = "model.litertlm"
+TOKENIZER = "tokenizer.model"  # written into the bundle before `package` runs (edge/api.py)
 
 
 def dus_write(cache: torch.Tensor, pos: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -47,7 +53,9 @@ class Signature(nn.Module):
         flat = [kv_cache[f"{kind}_{i}"] for i in range(n) for kind in ("k", "v")]
         logits, flat = functional_step(self.model, self.vocab, tokens, input_pos, flat, dus_write)
         names = [f"{kind}_{i}" for i in range(n) for kind in ("k", "v")]
-        return {"logits": logits, "kv_cache": dict(zip(names, flat, strict=True))}
+        # [1, 1, V]: LiteRT-LM refuses any other rank ("Output logits must be (batch, seq, vocab)",
+        # litert_lm runtime/executor/llm_litert_compiled_model_executor.cc, litert-lm-api 0.18.1).
+        return {"logits": logits.unsqueeze(1), "kv_cache": dict(zip(names, flat, strict=True))}
 
 
 def sample_inputs(cfg, max_seq_len: int, n: int) -> dict:
@@ -102,9 +110,60 @@ def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages) -> L
             "decode": {"tokens": [1, 1], "input_pos": [1]},
         },
         "inputs": {"tokens": "int32", "input_pos": "int32, consecutive positions", "kv_cache_{k,v}_<layer>": kv},
-        "outputs": {"logits": [1, meta["vocab_size"]], "kv_cache_{k,v}_<layer>": kv},
+        "outputs": {"logits": [1, 1, meta["vocab_size"]], "kv_cache_{k,v}_<layer>": kv},
         "meta": meta,
-        "vs_stock_litert_lm": "prefill also returns logits; no mask input (computed from input_pos); V not "
-        "transposed: LiteRT-LM's stock Gemma 3 pipeline cannot drive this file",
+        "vs_stock_litert_torch_export": "prefill also returns logits; no mask input (computed from input_pos); "
+        f"V not transposed. LiteRT-LM runs it as it is, from {LITERTLM}",
     }
     return Lowered(program, io, {"runtime": "LiteRT CPU (XNNPACK delegate by default)", "integer_weights": coverage})
+
+
+def package(folder: Path, artifact: str, max_seq_len: int, special: dict, chat: dict) -> dict:
+    """`model.litertlm` beside the .tflite: the same program, the tokenizer and LiteRT-LM's metadata.
+
+    Built with litert_lm_builder (what litert-torch's own `build_litertlm` wraps) called directly: its
+    wrapper cannot set `prefer_activation_type`, and LiteRT-LM's CPU default for a text decoder is fp16
+    activations, which the 270M's residual stream overflows; fp32 is what the validator measured.
+    Returns the manifest's description of the file.
+    """
+    import contextlib
+    import io
+    import tempfile
+
+    import litert_lm_builder as lb
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2, llm_model_type_pb2
+
+    user_prefix, user_suffix_model_prefix = chat["user_turn"].split("{prompt}")
+    model_prefix = "<start_of_turn>model\n"
+    assert user_suffix_model_prefix.endswith(model_prefix), chat["user_turn"]
+    md = llm_metadata_pb2.LlmMetadata()
+    md.start_token.token_ids.ids.append(special["bos"])
+    for t in special["stop"]:
+        md.stop_tokens.add().token_ids.ids.append(t)
+    md.prompt_templates.user.prefix = user_prefix
+    md.prompt_templates.user.suffix = user_suffix_model_prefix[: -len(model_prefix)]
+    md.prompt_templates.model.prefix = model_prefix
+    md.prompt_templates.model.suffix = md.prompt_templates.user.suffix
+    md.max_num_tokens = max_seq_len
+    md.llm_model_type.CopyFrom(llm_model_type_pb2.LlmModelType(gemma3=llm_model_type_pb2.Gemma3()))
+    md.jinja_prompt_template = chat["jinja"]
+    # The builder prints to stdout ("Adding prefer_activation_type"): keep stdout for our own output.
+    with tempfile.TemporaryDirectory() as work, contextlib.redirect_stdout(io.StringIO()):
+        meta_path = Path(work) / "llm_metadata.pb"
+        meta_path.write_bytes(md.SerializeToString())
+        builder = lb.LitertLmFileBuilder()
+        builder.add_system_metadata(lb.Metadata(key="Authors", value="gemma-edge", dtype=lb.DType.STRING))
+        builder.add_llm_metadata(str(meta_path))
+        builder.add_sentencepiece_tokenizer(str(folder / TOKENIZER))
+        builder.add_tflite_model(
+            str(folder / artifact), lb.TfLiteModelType.PREFILL_DECODE, prefer_activation_type="fp32"
+        )
+        with open(folder / LITERTLM, "wb") as f:
+            builder.build(f)
+    return {
+        "file": LITERTLM,
+        "holds": f"{artifact} (the same program), {TOKENIZER}, LlmMetadata (gemma3, BOS, stop ids, turn "
+        "templates, max_num_tokens), prefer_activation_type fp32",
+        "runtime": "LiteRT-LM (tested with litert-lm-api 0.18.1: Engine(path), greedy tokens and "
+        "per-token scores vs the eager model)",
+    }
