@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= The three primary colors are
 PYTEST_ARGS ?=
+# Two workers, whole files each, in collection order (tests/conftest.py puts the real export first).
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup demo test test-full test-fast lint
 
@@ -35,11 +37,11 @@ demo: setup
 # CI: everything but the extra real exports marked `full` (they would push the run past 40 minutes).
 test: setup sysdeps
 	$(BIN)/ruff check edge tests
-	$(BIN)/pytest -m "not full" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not full" $(XDIST) $(PYTEST_ARGS)
 
 test-full: setup sysdeps
 	$(BIN)/ruff check edge tests
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not pi" $(PYTEST_ARGS)

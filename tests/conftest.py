@@ -9,6 +9,15 @@ from edge.models.config import Family, GemmaConfig, gemma2_layer_types, gemma3_l
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_grad_enabled(False)
 
+# `make test` runs two pytest-xdist workers, one file at a time each (--dist loadfile
+# --no-loadscope-reorder), in collection order: the real 270M export (~20 min, mostly single-threaded
+# Python in ExecuTorch's lowering) goes first, to one worker, while the other runs the rest.
+FIRST = ("test_real_export.py",)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: each file keeps its own order
+
 
 def random_calibration(vocab_size: int, n: int = 4, length: int = 24, seed: int = 0) -> list[list[int]]:
     """Calibration sequences for a random-weight tiny model (BOS id 2 first, like real text)."""

