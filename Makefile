@@ -4,8 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= The three primary colors are
 PYTEST_ARGS ?=
-# Two workers, whole files each, in collection order (tests/conftest.py puts the real export first).
-XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
+# Two workers, whole files each, in collection order; the real 270M exports one unit, first (tests/conftest.py).
+XDIST ?= -n 2 --no-loadscope-reorder
 
 .PHONY: setup demo test test-full test-fast lint
 
