@@ -107,6 +107,7 @@ def doctor() -> dict:
         "litert-torch",
         "ai-edge-litert",
         "litert-lm-builder",
+        "litert-lm-api",
         "onnx",
         "onnxruntime",
         "gguf",
@@ -119,6 +120,7 @@ def doctor() -> dict:
         "executorch (.pte, xnnpack)": ("executorch", "pip install 'gemma-edge[executorch]'"),
         "litert (.tflite convert)": ("litert_torch", "pip install 'gemma-edge[litert]'"),
         "litert runtime": ("ai_edge_litert", "pip install ai-edge-litert"),
+        "litert-lm runtime (.litertlm)": ("litert_lm", "pip install litert-lm-api==0.18.1"),
         "onnx runtime": ("onnxruntime", "pip install 'gemma-edge[onnx]'"),
     }
     mem = psutil.virtual_memory()
