@@ -11,6 +11,10 @@ every scheme alike. Writes results-<backend>.json and prints a Markdown table.
 
 A bundle already complete in --out (its manifest.json written, which `edge export` does last) is
 reused, not re-exported, so a run cut short resumes where it stopped; --force re-exports all.
+The results file (--results, default --out/results-<backend>.json) is rewritten after every scheme
+and every speed round; a scheme already in it whose bundle is no longer in --out keeps its row
+(measured on an earlier run: its decode speed then comes from that run's rounds), so a long frontier
+can be measured over several sittings and the file checked in between.
 """
 
 from __future__ import annotations
@@ -95,21 +99,35 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--force", action="store_true", help="re-export bundles already complete in --out")
+    ap.add_argument("--results", type=Path, help="results file to update (default: --out/results-<backend>.json)")
     args = ap.parse_args()
     schemes = args.quant.split(",")
-    rows = {}
+    results = args.results or args.out / f"results-{args.backend}.json"
+    rows = json.loads(results.read_text()) if results.exists() else {}
+
+    def save() -> None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(rows, indent=1) + "\n")
+
+    here = []  # schemes whose bundle is in --out: their speed is measured in this run
     for q in schemes:
         out = args.out / f"{args.backend}-{q}"
+        if q in rows and not (out / "manifest.json").exists() and not args.force:
+            print(q, "kept from", results, "(no bundle in --out)", file=sys.stderr, flush=True)
+            continue
         rows[q] = export(args.backend, args.target, q, out, args.force) | validate(out, q != "fp32")
+        here.append(q)
+        save()
         print(q, rows[q], file=sys.stderr, flush=True)
-    speeds = {q: [] for q in schemes}
+    speeds = {q: [] for q in here}
     for _ in range(args.repeats):  # alternate: every scheme once per round
-        for q in schemes:
+        for q in here:
             speeds[q].append(decode_speed(args.out / f"{args.backend}-{q}", args.threads))
-    for q in schemes:
-        rows[q]["prefill_tok_s"] = round(statistics.median(s[0] for s in speeds[q]), 1)
-        rows[q]["decode_tok_s"] = round(statistics.median(s[1] for s in speeds[q]), 1)
-    (args.out / f"results-{args.backend}.json").write_text(json.dumps(rows, indent=1))
+        for q in here:
+            rows[q]["prefill_tok_s"] = round(statistics.median(s[0] for s in speeds[q]), 1)
+            rows[q]["decode_tok_s"] = round(statistics.median(s[1] for s in speeds[q]), 1)
+            rows[q]["speed_rounds"] = len(speeds[q])
+        save()
     print(
         f"| {args.backend} scheme | size MB | export s | peak RSS GB | mean KLD | top-1 | eager KLD / top-1 |"
         f" lowered vs eager KLD (argmax moved) | prefill tok/s | decode tok/s ({args.threads} threads) |"
@@ -120,7 +138,7 @@ def main() -> None:
         vs = f"{r['lowered_vs_eager_kld']:.2e} ({r['lowered_vs_eager_flips']})" if "lowered_vs_eager_kld" in r else "-"
         print(
             f"| {q} | {r.get('artifact_mb', '-')} | {r.get('export_s', '-')} | {r.get('peak_rss_gb', '-')} |"
-            f" {r['mean_kld']:.4f} | {r['top1']:.1%} | {eager} | {vs} | {r['prefill_tok_s']} | {r['decode_tok_s']} |"
+            f" {r['mean_kld']:.4f} | {r['top1']:.1%} | {eager} | {vs} | {r.get('prefill_tok_s', '-')} | {r.get('decode_tok_s', '-')} |"
         )
 
 
