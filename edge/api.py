@@ -244,7 +244,7 @@ def estimate_peak_bytes(
     """
     fp32 = 4 * n_params
     golden = 612 * vocab * 4 * 2  # the long prompt's logits and one working copy
-    factor = {"coreml": 4.5, "litert": 7.3, "onnx": 4.0}.get(backend, 1.7 if quantized else 4.0)
+    factor = {"coreml": 4.5, "litert": 7.3, "litert-gpu": 7.3, "onnx": 4.0}.get(backend, 1.7 if quantized else 4.0)
     # ActResidual schemes (int8, int4): XNNPACK's lowering of the two-row graph, ~20 more ops per linear,
     # peaked at 9.2 GB on the 270M (18 layers; 4.9 GB before): ~0.26 GB per layer over the formula.
     graph = 0.26e9 * n_layers if act_residual and backend == "xnnpack" else 0

@@ -112,7 +112,7 @@ def export(
         typer.Option(
             "--backend",
             "-b",
-            help="xnnpack | coreml | vulkan | litert | onnx (default: the target's)",
+            help="xnnpack | coreml | vulkan | litert | litert-gpu | onnx (default: the target's)",
         ),
     ] = None,
     quant: Annotated[
@@ -162,7 +162,12 @@ def export(
     for st in manifest["stages"]:
         typer.echo(f"  {st['name']:<10} {st['seconds']:>7.1f} s   peak RSS {st['peak_rss_mb'] / 1024:.2f} GB")
     outside = manifest["delegation"].get("ops_outside_delegate", {})
-    typer.echo(f"  delegate calls {manifest['delegation'].get('delegate_calls')}, ops outside: {sum(outside.values())}")
+    if "delegate_calls" in manifest["delegation"]:
+        typer.echo(f"  delegate calls {manifest['delegation']['delegate_calls']}, ops outside: {sum(outside.values())}")
+    for d in ("ml_drift", "classic"):  # --backend litert-gpu: what each GPU delegate takes
+        if gpu := manifest["delegation"].get("gpu", {}).get(d):
+            refused = ", ".join(f"{r['op']} x{r['count']}" for r in gpu["refused"]) or "none"
+            typer.echo(f"  {gpu['delegate']}: {gpu['supported']} of {gpu['operators']} ops (refused: {refused})")
     skipped = [r for r in manifest["quant"]["coverage"] if r.get("skipped")]
     if skipped:
         typer.echo(

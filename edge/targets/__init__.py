@@ -92,6 +92,23 @@ BACKENDS: dict[str, Backend] = {
             default_quant="int4-hqq",
         ),
         Backend(
+            "litert-gpu",
+            "litert",
+            "litert",
+            "model.tflite",
+            "litert_torch",
+            _LITERT,
+            True,
+            ("fp32", "int4-hqq", "int4-g128"),
+            note="the litert program for LiteRT's GPU accelerator: the manifest's delegation.gpu lists the "
+            "operators each GPU delegate refuses (edge/targets/gpu_ops.py); run it in fp32 precision. Here "
+            "it runs on LiteRT's CPU (no GPU on this host): the same program, validated the same way",
+            runtime="ai_edge_litert",
+            # fp32 weights: both GPU delegates take them (ML Drift also takes 4-bit blockwise weights,
+            # the classic delegate does not).
+            default_quant="fp32",
+        ),
+        Backend(
             "onnx",
             "onnx",
             "onnx",

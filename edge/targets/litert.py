@@ -115,7 +115,13 @@ def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages) -> L
         "vs_stock_litert_torch_export": "prefill also returns logits; no mask input (computed from input_pos); "
         f"V not transposed. LiteRT-LM runs it as it is, from {LITERTLM}",
     }
-    return Lowered(program, io, {"runtime": "LiteRT CPU (XNNPACK delegate by default)", "integer_weights": coverage})
+    delegation = {"runtime": "LiteRT CPU (XNNPACK delegate by default)", "integer_weights": coverage}
+    if backend.name == "litert-gpu":
+        from edge.targets import gpu_ops
+
+        delegation["runtime"] = "LiteRT GPU accelerator, fp32 precision (on this host: LiteRT CPU, the same program)"
+        delegation["gpu"] = gpu_ops.check(program)
+    return Lowered(program, io, delegation)
 
 
 def package(folder: Path, artifact: str, max_seq_len: int, special: dict, chat: dict) -> dict:
