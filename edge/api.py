@@ -362,6 +362,8 @@ def export(
         tied_fp32 = not scheme.quantized and v.config.tie_embeddings and plan.backend.name == "xnnpack"
         same_bytes = scheme.shared_table or tied_fp32
         extra = {"external_weights": True} if same_bytes else {}  # executorch only (scheme and backend lists)
+        if scheme.float16:
+            extra["float16_weights"] = True  # litert only (the backends' scheme lists)
         if on_quantized is not None:
             on_quantized(model)
         lowered = impl.export(model, max_seq_len, plan.backend, meta, stages, **extra)

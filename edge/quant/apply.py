@@ -51,7 +51,9 @@ def plan(model: nn.Module, scheme: Scheme) -> list[dict]:
         else:
             continue
         row = {"name": name, "shape": list(mod.weight.shape), "scheme": "fp32"}
-        if q is not None:
+        if scheme.float16:
+            row |= {"scheme": "fp16", "bits_per_weight": 16.0}
+        elif q is not None:
             if q.group and width % q.group:
                 row["skipped"] = f"width {width} is not a multiple of group {q.group}: kept fp32"
             else:
@@ -124,6 +126,11 @@ def quantize_model(
     """
     coverage = plan(model, scheme)
     if not scheme.quantized:
+        return coverage
+    if scheme.float16:  # the fp32 weights take fp16's values; a tied table stays one tensor
+        for mod in model.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                mod.weight.data = mod.weight.data.to(torch.float16).to(mod.weight.dtype)
         return coverage
     head_s = None
     rows = {r["name"]: r for r in coverage}

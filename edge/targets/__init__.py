@@ -84,7 +84,7 @@ BACKENDS: dict[str, Backend] = {
             "litert_torch",
             _LITERT,
             True,
-            ("fp32", "int4-hqq", "int4-g128"),
+            ("fp32", "fp16", "int4-hqq", "int4-g128"),
             note="prefill_<N> / decode signatures, KV cache in and out; runs with numpy + ai-edge-litert",
             runtime="ai_edge_litert",
             # The mixed int4 scheme (shared int8 table, Q4_K grids with offsets) is not carried into
@@ -99,14 +99,15 @@ BACKENDS: dict[str, Backend] = {
             "litert_torch",
             _LITERT,
             True,
-            ("fp32", "int4-hqq", "int4-g128"),
+            ("fp32", "fp16", "int4-hqq", "int4-g128"),
             note="the litert program for LiteRT's GPU accelerator: the manifest's delegation.gpu lists the "
             "operators each GPU delegate refuses (edge/targets/gpu_ops.py); run it in fp32 precision. Here "
             "it runs on LiteRT's CPU (no GPU on this host): the same program, validated the same way",
             runtime="ai_edge_litert",
-            # fp32 weights: both GPU delegates take them (ML Drift also takes 4-bit blockwise weights,
-            # the classic delegate does not).
-            default_quant="fp32",
+            # fp16 weights (half of fp32's bytes): both GPU delegates read fp16 constants behind a DEQUANTIZE
+            # directly (tflite/delegates/utils.cc, FP16GraphPartitionHelper). ML Drift also takes 4-bit
+            # blockwise weights, the classic delegate does not.
+            default_quant="fp16",
         ),
         Backend(
             "onnx",

@@ -81,7 +81,8 @@ def convert(model: nn.Module, max_seq_len: int, vocab: int, prefill: tuple[int, 
     return edge_model.model_content()
 
 
-def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages) -> Lowered:
+def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages, float16_weights: bool = False) -> Lowered:
+    """float16_weights: the model's weights hold fp16 values (scheme `fp16`): stored as fp16 constants."""
     from edge.targets import litert_quant
     from edge.targets.onnx_quant import dequantized
 
@@ -103,6 +104,9 @@ def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages) -> L
         with stages.run("quantize", "ai-edge-quantizer writes the scheme's integers and scales, unchanged"):
             program = litert_quant.quantize(program, linears, tables, dynamic.pop() if dynamic else False)
         coverage = [{"name": w.name, "bits": w.bits, "group": w.group, "dynamic_int8_act": w.dynamic} for w in weights]
+    if float16_weights:
+        with stages.run("quantize", "ai-edge-quantizer stores every FULLY_CONNECTED / EMBEDDING_LOOKUP weight as fp16"):
+            program = litert_quant.float16(program)
     kv = {"dtype": "float32", "shape": meta["kv_shape"]}
     io = {
         "signatures": {

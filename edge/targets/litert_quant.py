@@ -134,3 +134,20 @@ def quantize(fp32_tflite: bytes, linears: list[IntWeight], tables: list[IntWeigh
         return bytes(quantizer.Quantizer(fp32_tflite, rm.get_quantization_recipe()).quantize().quantized_model)
     finally:
         _TABLE.clear()
+
+
+def float16(fp32_tflite: bytes) -> bytes:
+    """Every FULLY_CONNECTED and EMBEDDING_LOOKUP weight stored as fp16 behind a DEQUANTIZE (ai-edge-quantizer's
+    FLOAT_CASTING): exact when the weights already hold fp16 values (scheme `fp16`, quantize_model)."""
+    from ai_edge_quantizer import qtyping, quantizer, recipe_manager
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    cfg = qtyping.OpQuantizationConfig(
+        weight_tensor_config=qtyping.TensorQuantizationConfig(num_bits=16, dtype=qtyping.TensorDataType.FLOAT),
+        compute_precision=qtyping.ComputePrecision.FLOAT,
+        explicit_dequantize=True,
+    )
+    rm = recipe_manager.RecipeManager()
+    for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP):
+        rm.add_quantization_config(".*", op, cfg, AlgorithmName.FLOAT_CASTING)
+    return bytes(quantizer.Quantizer(fp32_tflite, rm.get_quantization_recipe()).quantize().quantized_model)
