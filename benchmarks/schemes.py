@@ -14,12 +14,14 @@ reused, not re-exported, so a run cut short resumes where it stopped; --force re
 The results file (--results, default --out/results-<backend>.json) is rewritten after every scheme
 and every speed round; a scheme already in it whose bundle is no longer in --out keeps its row
 (measured on an earlier run: its decode speed then comes from that run's rounds), so a long frontier
-can be measured over several sittings and the file checked in between.
+can be measured over several sittings and the file checked in between. A row whose bundle is still
+in --out (the same manifest.json, by sha256) is not validated again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -27,6 +29,10 @@ import sys
 from pathlib import Path
 
 EDGE = [sys.executable, "-m", "edge"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def model_files(manifest: dict) -> list[str]:
@@ -112,10 +118,17 @@ def main() -> None:
     here = []  # schemes whose bundle is in --out: their speed is measured in this run
     for q in schemes:
         out = args.out / f"{args.backend}-{q}"
-        if q in rows and not (out / "manifest.json").exists() and not args.force:
-            print(q, "kept from", results, "(no bundle in --out)", file=sys.stderr, flush=True)
-            continue
+        manifest = out / "manifest.json"
+        if q in rows and not args.force:
+            if not manifest.exists():
+                print(q, "kept from", results, "(no bundle in --out)", file=sys.stderr, flush=True)
+                continue
+            if rows[q].get("manifest_sha256") == sha256(manifest):  # the very bundle it measured
+                print(q, "kept from", results, "(the same bundle)", file=sys.stderr, flush=True)
+                here.append(q)
+                continue
         rows[q] = export(args.backend, args.target, q, out, args.force) | validate(out, q != "fp32")
+        rows[q]["manifest_sha256"] = sha256(manifest)
         here.append(q)
         save()
         print(q, rows[q], file=sys.stderr, flush=True)
