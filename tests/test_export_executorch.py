@@ -8,7 +8,7 @@ import torch
 
 from conftest import random_calibration, tiny_config
 from edge import api
-from edge.models.config import Family
+from edge.models.config import Family, gemma3_layer_types
 from edge.models.gemma import Gemma
 from edge.models.weights import assign, random_tensors
 from edge.progress import Stages
@@ -169,3 +169,64 @@ def test_a_quantized_linear_lowers_exactly(tmp_path, scheme, site):
     got = Runtime.get().load_program(str(path)).load_method("forward").execute([x])[0]
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 1e-5, rel
+
+
+@pytest.mark.full  # two lowerings each (~4 min a pair here); every real export in CI takes our path
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_our_lowering_writes_the_stock_lowerings_program(tmp_path, monkeypatch, scheme):
+    """XNNPACK without its per-node check of preserved ops (ExecuTorch's direct path, no
+    EDGE_DO_NOT_DECOMP: a faster `lower`) and the partitioners' dependency sets as bits (less memory)
+    write the very bytes that the stock lowering writes."""
+    import contextlib
+
+    model = tiny_model(n_kv_heads=2, seed=7, n_layers=2, layer_types=gemma3_layer_types(2))
+    quantize_model(model, SCHEMES[scheme], random_calibration(model.cfg.vocab_size))
+    calls = []
+    direct = et._xnnpack_partitioner
+    monkeypatch.setattr(et, "_xnnpack_partitioner", lambda checked: calls.append(checked) or direct(checked))
+    _, ours = lower(model, tmp_path, "ours.pte")
+    assert calls == [False]  # it took the direct path, no fallback
+    monkeypatch.setattr(et, "_xnnpack_partitioner", lambda checked: direct(True))
+    monkeypatch.setattr(et, "compact_dependency_viewers", contextlib.nullcontext)
+    _, stock = lower(model, tmp_path, "stock.pte")
+    assert ours.program == stock.program and ours.files == stock.files
+    assert ours.delegation["delegate_calls"] > 0
+
+
+def test_compact_dependencies_are_the_stock_dependency_sets():
+    """CompactDependencies answers what ExecuTorch's _DependencyViewer answers, for every node of a real
+    exported graph (a tiny Gemma): the same downstream and upstream sets."""
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import _DependencyViewer
+
+    model = tiny_model(n_kv_heads=2, seed=7, n_layers=2, layer_types=gemma3_layer_types(2))
+    example = (torch.tensor([[2, 3, 4]]), torch.tensor([0]))
+    gm = torch.export.export(et.RunnerContract(model, model.cfg.vocab_size), example, strict=True).graph_module
+    stock, ours = _DependencyViewer(gm), et.CompactDependencies(gm)
+    nodes = list(gm.graph.nodes)
+    assert len(nodes) > 100
+    for n in nodes:
+        down, up = ours.downstreams_of(n), ours.upstreams_of(n)
+        assert set(down) == stock.downstreams_of(n) and len(down) == len(stock.downstreams_of(n))
+        assert set(up) == stock.upstreams_of(n)
+        assert all(m in down for m in stock.downstreams_of(n)) and n not in down
+    assert max(len(ours.downstreams_of(n)) for n in nodes) > len(nodes) // 2
+    assert (ours.downstreams_of(nodes[0]) | {"x"}) >= {"x"}  # set algebra builds plain sets
+
+
+def test_a_linear_xnnpack_refuses_falls_back_to_the_checked_path(monkeypatch):
+    """Without the check, a preserved linear that XNNPACK then refuses (its weight is an input, not a
+    constant) would stay undecomposed and undelegated: to_edge raises, and `_lower` redoes it checked."""
+    from executorch.runtime import Runtime
+
+    class InputWeight(torch.nn.Module):
+        def forward(self, x, w):
+            return torch.nn.functional.linear(x, w)
+
+    calls = []
+    direct = et._xnnpack_partitioner
+    monkeypatch.setattr(et, "_xnnpack_partitioner", lambda checked: calls.append(checked) or direct(checked))
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    program = et.lower_module(InputWeight(), (x, w), BACKENDS["xnnpack"])
+    assert calls == [False, True]
+    out = Runtime.get().load_program(program).load_method("forward").execute([x, w])[0]
+    torch.testing.assert_close(out, x @ w.T)

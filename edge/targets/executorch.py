@@ -13,6 +13,7 @@ The runner contract (read in executorch 1.5.1's extension/llm/runner; see the bu
 from __future__ import annotations
 
 import collections
+import collections.abc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,11 +82,41 @@ COMPUTE = {
 }
 
 
-def _partitioners(backend: Backend) -> list:
-    if backend.name == "xnnpack":
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+def _xnnpack_partitioner(checked: bool):
+    """XNNPACK's partitioner; unchecked, the same one without its per-node check of preserved ops.
 
-        return [XnnpackPartitioner()]
+    XnnpackPartitioner.ops_to_not_decompose returns the ops it keeps whole (aten.linear, torchao's
+    quantize / dequantize, ...) with a per-node check, and any check sends to_edge down its
+    EDGE_DO_NOT_DECOMP path (exir/program/_program.py, _gen_edge_manager_for_partitioners: "has long
+    standing issues"), which wraps every preserved node and decomposes the whole graph twice more:
+    most of the 270M's `lower` stage. Without a check, ExecuTorch takes its direct path (pop the
+    preserved ops from the decomposition table, decompose once): every node the checked path
+    would have kept whole is kept the same way, so the program is the same -- `.pte` and `.ptd`
+    byte-identical on the tiny int4, int8 and fp32 bundles and on the 270M (tests/test_export_executorch.py).
+    The price: without the check, a preserved op that XNNPACK then refuses (a linear it cannot take)
+    stays undecomposed and to_edge's sanity check raises; `_lower` then redoes the lowering the
+    checked way. Only ops that have a decomposition are listed: the others (torchao's custom ops)
+    are never decomposed either way, and the dequantize feeding the embedding lookup stays outside
+    the delegate by design (ExecuTorch fuses it into its quantized embedding kernel).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    if checked:
+        return XnnpackPartitioner()
+    from executorch.exir.tracer import _default_decomposition_table
+
+    class UncheckedXnnpackPartitioner(XnnpackPartitioner):
+        def ops_to_not_decompose(self, ep):
+            ops, _check = super().ops_to_not_decompose(ep)
+            table = _default_decomposition_table()
+            return [op for op in ops if op in table], None
+
+    return UncheckedXnnpackPartitioner()
+
+
+def _partitioners(backend: Backend, checked: bool = True) -> list:
+    if backend.name == "xnnpack":
+        return [_xnnpack_partitioner(checked)]
     if backend.name == "coreml":
         import coremltools as ct
         from executorch.backends.apple.coreml.compiler import CoreMLBackend
@@ -263,17 +294,106 @@ def infer_symbolic_view_dims(gm: torch.fx.GraphModule):
     return PassResult(gm, changed)
 
 
+class _NodeBits(collections.abc.Set):
+    """A set of graph nodes held as the bits of one int (bit i: the i-th node in graph order)."""
+
+    def __init__(self, deps: CompactDependencies, bits: int) -> None:
+        self._deps, self._bits = deps, bits
+
+    def __contains__(self, node) -> bool:
+        i = self._deps.index.get(node)
+        return i is not None and (self._bits >> i) & 1 == 1
+
+    def __len__(self) -> int:
+        return self._bits.bit_count()
+
+    @classmethod
+    def _from_iterable(cls, it) -> set:  # what `a | b`, `a & b` and `a - b` build
+        return set(it)
+
+    def __iter__(self):
+        import numpy as np
+
+        raw = np.frombuffer(self._bits.to_bytes((self._bits.bit_length() + 7) // 8, "little"), np.uint8)
+        nodes = self._deps.nodes
+        return (nodes[i] for i in np.flatnonzero(np.unpackbits(raw, bitorder="little")))
+
+
+class CompactDependencies:
+    """torch.fx's and ExecuTorch's `_DependencyViewer` (node -> every node downstream / upstream of it), each
+    transitive set held as the bits of one Python int.
+
+    The originals (torch/fx/passes/infra/partitioner.py; executorch/exir/backend/canonical_partitioners/
+    group_partitioner.py, which keeps upstreams too) store every node's transitive users as a Python set:
+    O(N^2) entries for a graph of N nodes. XNNPACK's partitioner builds three such tables over the whole
+    program (GroupBasedPartitioner.__init__ and its CapabilityBasedPartitioner base): on the 270M int4's
+    ActResidual graph the process grew by 4.2 GB inside GroupBasedPartitioner (py-spy on `make test-full`,
+    RSS 8.4 -> 12.6 GB), the export's peak; and quadratic in depth, so the 2B's 26 layers would need ~2x
+    that. As bits: N^2 / 8 bytes. The partitioners only test membership and iterate, and every use reduces
+    to a boolean or a set, so the order of iteration cannot change what they decide.
+    """
+
+    def __init__(self, graph_module) -> None:
+        self.nodes = list(graph_module.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self._down: dict = {}
+        for node in reversed(self.nodes):
+            bits = 0
+            for user in node.users:
+                bits |= (1 << self.index[user]) | self._down.get(user, 0)
+            self._down[node] = bits
+        self._up: dict | None = None
+
+    def downstreams_of(self, node) -> _NodeBits:
+        return _NodeBits(self, self._down.get(node, 0))
+
+    def upstreams_of(self, node) -> _NodeBits:
+        if self._up is None:  # no partitioner reads it today: built only if one does
+            self._up = {}
+            for n in self.nodes:
+                bits = 0
+                for i in n.all_input_nodes:
+                    bits |= (1 << self.index[i]) | self._up.get(i, 0)
+                self._up[n] = bits
+        return _NodeBits(self, self._up.get(node, 0))
+
+
+@contextmanager
+def compact_dependency_viewers() -> Iterator[None]:
+    """Both `_DependencyViewer`s replaced by CompactDependencies while lowering; restored after."""
+    import torch.fx.passes.infra.partitioner as fx_partitioner
+    from executorch.exir.backend.canonical_partitioners import group_partitioner
+
+    saved = fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer
+    fx_partitioner._DependencyViewer = group_partitioner._DependencyViewer = CompactDependencies
+    try:
+        yield
+    finally:
+        fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer = saved
+
+
 def _lower(ep, backend: Backend, meta: dict | None = None):
     import executorch.kernels.quantized  # noqa: F401  (out variants of quantized_decomposed::embedding_*)
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    return to_edge_transform_and_lower(
-        ep,
-        transform_passes=[infer_symbolic_view_dims],
-        partitioner=_partitioners(backend),
-        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-        constant_methods=meta,
-    )
+    def lower(checked: bool):
+        with compact_dependency_viewers():
+            return to_edge_transform_and_lower(
+                ep,
+                transform_passes=[infer_symbolic_view_dims],
+                partitioner=_partitioners(backend, checked),
+                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+                constant_methods=meta,
+            )
+
+    if backend.name != "xnnpack":
+        return lower(checked=True)
+    try:
+        return lower(checked=False)  # the direct path (see _xnnpack_partitioner)
+    except RuntimeError as e:
+        if "was not decomposed or delegated" not in str(e):
+            raise
+        return lower(checked=True)
 
 
 def lower_module(module: nn.Module, example: tuple, backend: Backend) -> bytes:
