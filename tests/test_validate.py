@@ -117,6 +117,26 @@ def test_a_bundle_from_another_version_of_its_scheme_is_refused_for_the_quantize
         validate(copy, stages=["quantized"])
 
 
+def test_a_scheme_field_added_since_the_bundle_was_made_reads_as_its_default(tiny_bundle, tmp_path):
+    """A manifest written before a Scheme field existed (here `float16`) held that field's default: the
+    quantized stage still rebuilds it; the same field recorded with another value is refused."""
+    import json
+
+    for value, refused in ((None, False), (True, True)):
+        copy = tmp_path / f"b-{value}"
+        shutil.copytree(tiny_bundle["path"], copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        del manifest["quant"]["scheme"]["float16"]
+        if value is not None:
+            manifest["quant"]["scheme"]["float16"] = value
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        if refused:
+            with pytest.raises(EdgeError, match="float16 differ"):
+                validate(copy, stages=["quantized"])
+        else:
+            assert validate(copy, stages=["quantized"])["stages"]["quantized"]["overall"]["positions"] > 0
+
+
 def test_bad_inputs_exit_2(validated, tiny_bundle, tmp_path):
     _, dump = validated
     cases = [

@@ -164,7 +164,12 @@ def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
 def _check_same_scheme(recorded: dict, scheme) -> None:
     """The quantized stage rebuilds the scheme by name from this version's table: a bundle made by a
     version whose scheme of that name differed would be compared with another model, silently."""
+    import dataclasses
+
     now = json.loads(json.dumps(scheme.to_dict()))
+    # A field added after the bundle was made (absent from its manifest) held its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(scheme) if f.default is not dataclasses.MISSING}
+    recorded = json.loads(json.dumps(defaults)) | recorded
     differ = sorted(k for k in now.keys() | recorded.keys() if k != "description" and now.get(k) != recorded.get(k))
     if differ:
         raise EdgeError(
