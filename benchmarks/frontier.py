@@ -31,6 +31,10 @@ def frontier(rows: dict[str, dict]) -> set[str]:
     return {q for q, a in rows.items() if not any(beaten(a, b) for p, b in rows.items() if p != q)}
 
 
+def _kld(x: float) -> str:
+    return f"{x:.4f}" if x >= 1e-3 else f"{x:.1e}"
+
+
 def table(rows: dict[str, dict], backend: str) -> str:
     front = frontier(rows)
     lines = [
@@ -40,7 +44,7 @@ def table(rows: dict[str, dict], backend: str) -> str:
     for q, r in sorted(rows.items(), key=lambda kv: kv[1]["artifact_mb"]):
         speed = r.get("decode_tok_s", "-")
         lines.append(
-            f"| {q} | {r['artifact_mb']:.1f} | {r['mean_kld']:.4f} | {r['top1']:.1%} | {speed} |"
+            f"| {q} | {r['artifact_mb']:.1f} | {_kld(r['mean_kld'])} | {r['top1']:.1%} | {speed} |"
             f" {'yes' if q in front else ''} |"
         )
     c = LLAMA_CPP
