@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edge.errors import EdgeError
 
@@ -92,24 +92,6 @@ BACKENDS: dict[str, Backend] = {
             default_quant="int4-hqq",
         ),
         Backend(
-            "litert-gpu",
-            "litert",
-            "litert",
-            "model.tflite",
-            "litert_torch",
-            _LITERT,
-            True,
-            ("fp32", "fp16", "int4-hqq", "int4-g128"),
-            note="the litert program for LiteRT's GPU accelerator: the manifest's delegation.gpu lists the "
-            "operators each GPU delegate refuses (edge/targets/gpu_ops.py); run it in fp32 precision. Here "
-            "it runs on LiteRT's CPU (no GPU on this host): the same program, validated the same way",
-            runtime="ai_edge_litert",
-            # fp16 weights (half of fp32's bytes): both GPU delegates read fp16 constants behind a DEQUANTIZE
-            # directly (tflite/delegates/utils.cc, FP16GraphPartitionHelper). ML Drift also takes 4-bit
-            # blockwise weights, the classic delegate does not.
-            default_quant="fp16",
-        ),
-        Backend(
             "onnx",
             "onnx",
             "onnx",
@@ -123,6 +105,18 @@ BACKENDS: dict[str, Backend] = {
         ),
     )
 }
+# The same litert program, for LiteRT's GPU accelerator: the manifest's delegation.gpu lists the operators
+# each GPU delegate refuses (edge/targets/gpu_ops.py). Default fp16 weights (half of fp32's bytes): both GPU
+# delegates read fp16 constants behind a DEQUANTIZE directly (tflite/delegates/utils.cc,
+# FP16GraphPartitionHelper). ML Drift also takes 4-bit blockwise weights, the classic delegate does not.
+BACKENDS["litert-gpu"] = replace(
+    BACKENDS["litert"],
+    name="litert-gpu",
+    note="the litert program for LiteRT's GPU accelerator: the manifest's delegation.gpu lists the operators "
+    "each GPU delegate refuses (edge/targets/gpu_ops.py); run it in fp32 precision. Here it runs on LiteRT's "
+    "CPU (no GPU on this host): the same program, validated the same way",
+    default_quant="fp16",
+)
 
 
 @dataclass(frozen=True)
