@@ -85,11 +85,21 @@ def test_out_under_a_file_is_refused(tmp_path):
         api.export("tiny-test", "linux", random_weights=True, max_seq_len=64, out=f, force=True)
 
 
+def test_every_targets_backend_is_built():
+    """resolve() has no "not built yet" refusal: every backend a target names must exist."""
+    from edge.targets import BACKENDS, TARGETS
+
+    for t in TARGETS.values():
+        assert t.default_backend in t.backends
+        assert set(t.backends) <= set(BACKENDS), (t.name, set(t.backends) - set(BACKENDS))
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
         (("--target", "ios", "--backend", "vulkan"), "does not fit target ios"),
-        (("--target", "android", "--backend", "litert-gpu"), "not built yet"),
+        (("--target", "ios", "--backend", "litert-gpu"), "does not fit target ios"),
+        (("--target", "android", "--backend", "litert-gpu", "--quant", "int8"), "cannot lower scheme"),
         (("--target", "tv"), "unknown target"),
         (("--quant", "int3"), "unknown quantization scheme"),
         (("--backend", "coreml", "--target", "ios", "--quant", "int4"), "cannot lower scheme"),
