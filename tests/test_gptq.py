@@ -83,3 +83,19 @@ def test_a_gptq_scheme_installs_its_own_integers(act):
     assert rows["layers.0.attn.wq"]["rounding"] == "gptq" and "rounding" not in rows["lm_head"]
     with pytest.raises(ValueError, match="calibration"):
         quantize_model(Gemma(cfg, max_seq_len=64).eval(), scheme, None)
+
+
+def test_gptq_scale_search_never_loses_to_the_absmax_scale():
+    """Each row of each group takes the scale with the least activation-weighted error; 1.0 is a candidate."""
+    from edge.quant.gptq import CLIP
+
+    assert CLIP[0] == 1.0 and len(CLIP) > 1
+    w, x = _problem(seed=3)
+    h = x.double().T @ x.double()
+    out = {}
+    for name, clip in (("absmax", (1.0,)), ("search", CLIP)):
+        q, s = quantize_weight(w, h, 4, 32, clip=clip)
+        wq = (q.float().reshape(q.shape[0], -1, 32) * s[..., None]).reshape(w.shape)
+        out[name] = (x @ (w - wq).T).pow(2).mean().item()
+    print(out)
+    assert out["search"] < out["absmax"]
