@@ -99,3 +99,27 @@ def test_gptq_scale_search_never_loses_to_the_absmax_scale():
         out[name] = (x @ (w - wq).T).pow(2).mean().item()
     print(out)
     assert out["search"] < out["absmax"]
+
+
+@pytest.mark.parametrize("family", [Family.GEMMA3, Family.GEMMA2])
+def test_replaying_block_inputs_gives_the_prefix_passes_integers(family, monkeypatch):
+    """Layer i's Hessians from block i alone on the replayed inputs == from a model pass up to block i."""
+    from edge.quant import gptq
+
+    cfg = tiny_config(family)
+    scheme = replace(SCHEMES["rtn-int4"], name="t", linear=_w(4, 32, Rounding.GPTQ))
+    out = {}
+    for replay in (True, False):
+        monkeypatch.setattr(gptq, "REPLAY", replay)
+        torch.manual_seed(0)
+        model = Gemma(cfg, max_seq_len=64).eval()
+        for p in model.parameters():
+            p.data.normal_(0, 0.05)
+        with torch.no_grad():
+            quantize_model(model, scheme, random_calibration(cfg.vocab_size))
+        out[replay] = [
+            model.layers[i].get_submodule(n).weight.qdata.clone()
+            for i in range(cfg.n_layers)
+            for n in ("attn.wq", "attn.wo", "mlp.down")
+        ]
+    assert all(torch.equal(a, b) for a, b in zip(out[True], out[False], strict=True))
