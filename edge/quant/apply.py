@@ -113,6 +113,7 @@ def quantize_model(
     progress: Callable[[str], Callable[[int, int], None]] | None = None,
     grids: dict | None = None,
     smoothed: dict | None = None,
+    sampled: list[list[int]] | None = None,
 ) -> list[dict]:
     """Quantize in place; returns the coverage report. The fp32 weights are freed as they are replaced.
 
@@ -123,6 +124,7 @@ def quantize_model(
     with `source_grids`: those linears keep the source's integers instead of being re-rounded.
     smoothed: fold_smoothing()'s report when `model` already holds the scheme's SmoothQuant scales
     (`--quant auto` folds them once for all its candidates: they depend on none of its choices).
+    sampled: the scheme's gptq_samples sequences, already sampled from the fp32 model (auto samples once).
     """
     coverage = plan(model, scheme)
     if not scheme.quantized:
@@ -135,6 +137,16 @@ def quantize_model(
     head_s = None
     rows = {r["name"]: r for r in coverage}
     from torchao.quantization import quantize_
+
+    gptq_calib = calib
+    if scheme.gptq_samples and calib and any(scheme.quant_for(r["name"]).rounding == Rounding.GPTQ
+                                             for r in coverage if scheme.quant_for(r["name"])):  # fmt: skip
+        from edge.quant.sample import sample_sequences
+
+        if sampled is None:
+            label = f"calibration text sampled from the fp32 model, {scheme.gptq_samples} sequences"
+            sampled = sample_sequences(model, calib[0][0], scheme.gptq_samples, progress=progress and progress(label))
+        gptq_calib = list(calib) + sampled
 
     exact = transcodable(scheme, coverage, grids)
     if scheme.smooth:
@@ -173,7 +185,7 @@ def quantize_model(
     if gptq:  # last: each layer is rounded on what the quantized layers before it produce
         if not calib:
             raise ValueError(f"scheme {scheme.name!r} rounds with GPTQ: pass calibration token ids")
-        _gptq(model, scheme, gptq, calib, rows, progress and progress("GPTQ layers"))
+        _gptq(model, scheme, gptq, gptq_calib, rows, progress and progress("GPTQ layers"))
     _bf16_group_scales(model)
     if scheme.act_residual:
         from edge.quant.split import wrap_act_residual

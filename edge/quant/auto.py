@@ -124,6 +124,7 @@ def choose(
     `model` (fp32) is left as it was; each candidate is quantized on a copy of it.
     """
     from edge.quant.apply import fold_smoothing, quantize_model
+    from edge.quant.sample import sample_sequences
     from edge.quant.sensitivity import _kld, _log_probs, sensitivity
 
     base = SCHEMES[BASE]
@@ -135,6 +136,8 @@ def choose(
     order = sorted(names, key=lambda n: (sens[n], names.index(n)))
     held_out = sampled_text(model, calib[0][0])
     ref = _log_probs(model, held_out)
+    # GPTQ's sampled calibration (edge/quant/sample.py, another seed than held_out's): once for all candidates.
+    sampled = sample_sequences(model, calib[0][0], base.gptq_samples) if base.gptq_samples else None
     # SmoothQuant's scales depend on none of the choices (its weights are searched at the base's 8 bits):
     # folded once into a copy, which each candidate copies.
     smoothed = copy.deepcopy(model)
@@ -144,7 +147,8 @@ def choose(
     def measure(n: int) -> Candidate:
         if n not in tried:
             q = copy.deepcopy(smoothed)
-            coverage = quantize_model(q, scheme_with(base, order[:n], budget), calib, grids=grids, smoothed=report)
+            scheme = scheme_with(base, order[:n], budget)
+            coverage = quantize_model(q, scheme, calib, grids=grids, smoothed=report, sampled=sampled)
             c = Candidate(n, _kld(ref, _log_probs(q, held_out)), linear_bytes(model, names, set(order[:n])) / 1e6)
             ok = "within" if c.mean_kld <= budget else "over"
             say(f"  auto: {n:>3} / {len(names)} linears at 4 bits: {c.linear_mb:7.1f} MB of linear weights,"

@@ -95,6 +95,9 @@ class Scheme:
     # of fp32's bytes for float-exact kernels (LiteRT: fp16 constants behind DEQUANTIZE, which its GPU
     # delegates read directly). No integer format: `linear`, `head` and `embedding` stay None.
     float16: bool = False
+    # GPTQ's Hessians also see this many sequences sampled from the fp32 model itself (edge/quant/
+    # sample.py, seeded): the shipped calibration texts are ~800 tokens, thin for a 640 x 640 Hessian.
+    gptq_samples: int = 0
 
     def __post_init__(self) -> None:
         if self.shared_table:
@@ -216,6 +219,7 @@ SCHEMES: dict[str, Scheme] = {
             source_act_slice=512,
             int8_offsets=True,
             act_residual=True,
+            gptq_samples=32,
         ),
         Scheme(
             "int4-hqq",
