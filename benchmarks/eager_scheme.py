@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/eager_scheme.py [--quant int4] [--clip 1.0] [--gptq-samples N] [--json out.json]
 
---clip 1.0 turns GPTQ's scale search off (edge/quant/gptq.py CLIP: the absmax scale only);
+--clip 1.0 turns GPTQ's scale search off (edge/quant/gptq.py CLIP: the absmax scale only) for a
+scheme with gptq_scale_search;
 --gptq-samples overrides the scheme's count of sequences sampled from the model for GPTQ.
 Prints the mean KLD and top-1 that `edge validate` reports for the quantized stage (same code:
 edge.validate.stages.evaluate), and the seconds taken.
@@ -51,7 +52,7 @@ def main() -> None:
     r = evaluate(prompts, eager_logits(model), window=512)["overall"]
     out = {
         "quant": scheme.name,
-        "clip": list(gptq.CLIP),
+        "clip": list(gptq.CLIP) if scheme.gptq_scale_search else [1.0],
         "gptq_samples": scheme.gptq_samples,
         "mean_kld": r["mean_kld"],
         "top1": r["top1"],

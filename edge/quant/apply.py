@@ -281,7 +281,10 @@ def _gptq(model: nn.Module, scheme: Scheme, names: list[str], calib, rows: dict[
         wq = scheme.quant_for(name)
         return wq.bits, wq.group
 
-    gptq_layers(model, names, calib, install, bits_group, progress=progress)
+    from edge.quant import gptq
+
+    clip = gptq.CLIP if scheme.gptq_scale_search else (1.0,)
+    gptq_layers(model, names, calib, install, bits_group, progress=progress, clip=clip)
 
 
 def install_intx(

@@ -19,6 +19,7 @@ Scales are per group of the CURRENT (error-updated) weights, rounded to bf16 as 
 each row's chosen among shrinks of the group's absmax (CLIP) by the activation-weighted rounding error:
 the 270M int4 (eager vs fp32, golden prompts) went from mean KLD 0.0178 / top-1 90.84% with the
 absmax scale alone to 0.0152 / 93.94% (benchmarks/eager_scheme.py --clip 1.0 vs the default). No bytes.
+A scheme asks for it (Scheme.gptq_scale_search).
 Deterministic: no randomness; columns in their natural order.
 
 Measured on the 270M (int4 g32 on all transformer linears alone, head/embedding fp32, float
@@ -198,8 +199,11 @@ def gptq_layers(
     apply: Callable[[str, torch.Tensor, torch.Tensor], None],
     bits_group: Callable[[str], tuple[int, int | None]],
     progress: Callable[[int, int], None] | None = None,
+    clip: Sequence[float] = (1.0,),
 ) -> None:
-    """Quantize the named linears layer by layer; apply(name, q, scale) installs each result."""
+    """Quantize the named linears layer by layer; apply(name, q, scale) installs each result.
+
+    clip: the scale shrinks each group row may take (CLIP to search; (1.0,): the absmax scale)."""
     by_layer: dict[str, list[str]] = {}
     for n in names:
         key = ".".join(n.split(".")[:2]) if n.startswith("layers.") else n
@@ -219,7 +223,7 @@ def gptq_layers(
             hs = _replay_hessians(mods, replay, layer, group_names)
         for n in group_names:
             bits, group = bits_group(n)
-            q, s = quantize_weight(mods[n].weight.detach().float(), hs.pop(n), bits, group)
+            q, s = quantize_weight(mods[n].weight.detach().float(), hs.pop(n), bits, group, clip=clip)
             apply(n, q, s)
         if progress:
             progress(i + 1, len(by_layer))

@@ -98,6 +98,9 @@ class Scheme:
     # GPTQ's Hessians also see this many sequences sampled from the fp32 model itself (edge/quant/
     # sample.py, seeded): the shipped calibration texts are ~800 tokens, thin for a 640 x 640 Hessian.
     gptq_samples: int = 0
+    # GPTQ picks each group row's scale among shrinks of its absmax (edge/quant/gptq.py CLIP) by the
+    # activation-weighted rounding error, instead of the absmax scale alone.
+    gptq_scale_search: bool = False
 
     def __post_init__(self) -> None:
         if self.shared_table:
@@ -201,7 +204,8 @@ SCHEMES: dict[str, Scheme] = {
             "mixed 4/8-bit within the 4-bit GGUF's size: one int8 table for the lookup and the head (8da8w per"
             " channel, stored once); linears whose source is Q4_K keep their integers exactly (8da4w g32 plus"
             " per-group offsets, int8 per row); attn.wq, attn.wo (the 270M's are all Q4_K) and the"
-            f" {len(INT4_GATES)} least sensitive mlp.gate at int4 g32 rounded by GPTQ where not; the rest 8da8w"
+            f" {len(INT4_GATES)} least sensitive mlp.gate at int4 g32 where not, rounded by GPTQ (group scales"
+            " searched; Hessians on the calibration text and 32 sequences the fp32 model samples); the rest 8da8w"
             " per channel; SmoothQuant scales folded in (group-constant where a grid is kept); each activation"
             " row quantized twice, x and its rounding residual (ActResidual)",
             _w(8, None),
@@ -220,6 +224,7 @@ SCHEMES: dict[str, Scheme] = {
             int8_offsets=True,
             act_residual=True,
             gptq_samples=32,
+            gptq_scale_search=True,
         ),
         Scheme(
             "int4-hqq",
