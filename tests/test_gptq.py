@@ -123,3 +123,22 @@ def test_replaying_block_inputs_gives_the_prefix_passes_integers(family, monkeyp
             for n in ("attn.wq", "attn.wo", "mlp.down")
         ]
     assert all(torch.equal(a, b) for a, b in zip(out[True], out[False], strict=True))
+
+
+def test_a_scheme_turns_the_scale_search_on():
+    """Scheme.gptq_scale_search reaches GPTQ: the same model and text give other scales with it than without."""
+    cfg = tiny_config(Family.GEMMA3)
+    scales = {}
+    for search in (False, True):
+        torch.manual_seed(0)
+        model = Gemma(cfg, max_seq_len=64).eval()
+        for p in model.parameters():
+            p.data.normal_(0, 0.05)
+        scheme = replace(SCHEMES["rtn-int4"], name="t", linear=_w(4, 32, Rounding.GPTQ), gptq_scale_search=search)
+        with torch.no_grad():
+            quantize_model(model, scheme, random_calibration(cfg.vocab_size))
+        scales[search] = model.layers[0].mlp.up.weight.scale.clone()
+    absmax_like = scales[False]
+    assert not torch.equal(scales[True], absmax_like)
+    # It shrinks scales (GPTQ's error updates move each later group's absmax, so not every one).
+    assert (scales[True] / absmax_like).mean() < 0.99
