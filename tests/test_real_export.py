@@ -68,14 +68,15 @@ def lowered_vs_golden(bundles):
 
 
 def test_int4_meets_its_kld_band(lowered_vs_golden):
-    """The android default vs fp32: mean KLD within the band (0.03), met with margin (0.0160 / 93.5%
-    with ActResidual). Top-1 (band 92%) varied between exports that differed only in float rounding
-    (near-ties flip) before ActResidual: 92.3%, 92.9%, 91.1%, 93.1%, 92.0%. It is guarded at 90% here;
-    the validator's verdict says FAIL when an export falls short of 92%. Before the mixed scheme:
-    all-int4 HQQ + SmoothQuant 0.244 / 70.5%, round-to-nearest 0.68 / 55%."""
+    """The android default vs fp32: within its whole band, mean KLD 0.03 and top-1 92%. Guarded at 90%
+    top-1 until 2026-12-03, when a fresh machine measured 0.0178 / 90.84% for the code that had read
+    0.0160 / 93.5% (discrete choices and near-ties moved with float arithmetic); GPTQ's scale search and
+    sampled calibration gave it a margin (eager 0.0111 / 94.29% there). Before the mixed scheme: all-int4
+    HQQ + SmoothQuant 0.244 / 70.5%, round-to-nearest 0.68 / 55%."""
     o = lowered_vs_golden["int4"]["overall"]
-    assert o["mean_kld"] <= SCHEMES["int4"].band.mean_kld, o
-    assert o["top1"] >= 0.90, o
+    band = SCHEMES["int4"].band
+    assert o["mean_kld"] <= band.mean_kld, o
+    assert o["top1"] >= band.top1, o
     assert set(lowered_vs_golden["int4"]) >= {"within_window", "past_window"}
 
 
