@@ -138,9 +138,10 @@ def quantize_model(
     rows = {r["name"]: r for r in coverage}
     from torchao.quantization import quantize_
 
+    exact = transcodable(scheme, coverage, grids)
+    todo = {r["name"] for r in coverage if r["scheme"] != "fp32"} - exact
     gptq_calib = calib
-    if scheme.gptq_samples and calib and any(scheme.quant_for(r["name"]).rounding == Rounding.GPTQ
-                                             for r in coverage if scheme.quant_for(r["name"])):  # fmt: skip
+    if scheme.gptq_samples and calib and _gptq_names(scheme, todo, coverage):  # sampled from the fp32 model
         from edge.quant.sample import sample_sequences
 
         if sampled is None:
@@ -148,7 +149,6 @@ def quantize_model(
             sampled = sample_sequences(model, calib[0][0], scheme.gptq_samples, progress=progress and progress(label))
         gptq_calib = list(calib) + sampled
 
-    exact = transcodable(scheme, coverage, grids)
     if scheme.smooth:
         report = smoothed if smoothed is not None else fold_smoothing(model, scheme, calib, grids, progress)
         group_sites = _group_sites(exact, grids)
@@ -167,7 +167,6 @@ def quantize_model(
         # Untie: the head and the lookup table get their own quantized copies (a matmul and a gather
         # want different formats). Same storage until quantize_ replaces each.
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
-    todo = {r["name"] for r in coverage if r["scheme"] != "fp32"} - exact
     _transcode(model, exact, grids, rows, scheme.source_act_slice, scheme.int8_offsets)
     _split_grouped_int8(model, scheme, todo, coverage)
     if scheme.shared_table:
@@ -180,8 +179,7 @@ def quantize_model(
     for q in [q for q in linears if q.rounding != Rounding.GPTQ]:  # one pass per distinct WeightQuant
         uses = lambda m, n, q=q: isinstance(m, nn.Linear) and _owner(n) in todo and scheme.quant_for(_owner(n)) == q  # noqa: E731
         quantize_(model, _torchao_config(_as_realized(q), False), filter_fn=uses)
-    gptq = [n for n in todo - {"embed"} if scheme.quant_for(n).rounding == Rounding.GPTQ]
-    gptq.sort(key=[r["name"] for r in coverage].index)  # model order: layer by layer
+    gptq = _gptq_names(scheme, todo, coverage)  # todo as _split_grouped_int8 left it
     if gptq:  # last: each layer is rounded on what the quantized layers before it produce
         if not calib:
             raise ValueError(f"scheme {scheme.name!r} rounds with GPTQ: pass calibration token ids")
@@ -195,6 +193,12 @@ def quantize_model(
             if any(w == r["name"] or w.startswith(r["name"] + ".") for w in wrapped):
                 r["activations"] = "dynamic int8, twice: x and its rounding residual, two rows of one call"
     return coverage
+
+
+def _gptq_names(scheme: Scheme, todo: set[str], coverage: list[dict]) -> list[str]:
+    """The linears of `todo` that GPTQ rounds, in model order (layer by layer)."""
+    names = [n for n in todo - {"embed"} if scheme.quant_for(n).rounding == Rounding.GPTQ]
+    return sorted(names, key=[r["name"] for r in coverage].index)
 
 
 def _group_sites(exact: set[str], grids: dict | None) -> dict[str, int]:

@@ -66,11 +66,12 @@ def quantize_weight(
     group: int | None,
     damp: float = DAMP,
     block: int = BLOCK,
-    clip: Sequence[float] | None = None,
+    clip: Sequence[float] = (1.0,),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of one weight (out, in) with Hessian h (in, in): (q int8 (out, in), scale (out, in // group)).
 
-    Symmetric: q in [-2^(b-1), 2^(b-1) - 1], scale = group absmax / ((qmax - qmin) / 2), torchao's rule.
+    Symmetric: q in [-2^(b-1), 2^(b-1) - 1], scale = group absmax / ((qmax - qmin) / 2), torchao's rule,
+    times the factor in `clip` with the least activation-weighted rounding error (CLIP to search).
     """
     out_f, in_f = w.shape
     group = group or in_f
@@ -89,7 +90,7 @@ def quantize_weight(
         for j in range(b0, b1):
             if j % group == 0:  # the group's scale, from the weights as updated so far
                 hd = torch.diag(H)[j : j + group][None, :]
-                S[:, j // group] = _group_scale(W[:, j : j + group], hd, qmin, qmax, clip or CLIP).float()
+                S[:, j // group] = _group_scale(W[:, j : j + group], hd, qmin, qmax, clip).float()
             s = S[:, j // group].double()
             q = torch.clamp(torch.round(W[:, j] / s), qmin, qmax)
             Q[:, j] = q.to(torch.int8)
@@ -115,15 +116,11 @@ def _replay_hessians(mods, replay: _BlockInputs, layer: int, names: Sequence[str
     """H per named linear of block `layer`, from the replay's inputs to it (outputs discarded)."""
     hs: dict[str, torch.Tensor] = {}
     handles = _hessian_hooks(mods, names, hs)
-    block = replay.model.layers[layer]
     try:
-        for j, x in enumerate(replay.x):
-            replay.model.reset_cache()
-            block(x, *replay.rest[j][block.local])
+        replay.run(layer, advance=False)
     finally:
         for h in handles:
             h.remove()
-        replay.model.reset_cache()
     return hs
 
 
@@ -183,13 +180,18 @@ class _BlockInputs:
             for h in handles:
                 h.remove()
 
-    def run(self, i: int) -> None:
-        """Block i on every sequence; its outputs become the inputs to block i + 1."""
+    def run(self, i: int, advance: bool = True) -> None:
+        """Block i on every sequence; with `advance` its outputs become the inputs to block i + 1
+        (without: a pass for the hooks that watch it, outputs discarded)."""
         block = self.model.layers[i]
-        for j, x in enumerate(self.x):
+        try:
+            for j, x in enumerate(self.x):
+                self.model.reset_cache()
+                y = block(x, *self.rest[j][block.local])
+                if advance:
+                    self.x[j] = y
+        finally:
             self.model.reset_cache()
-            self.x[j] = block(x, *self.rest[j][block.local])
-        self.model.reset_cache()
 
 
 def gptq_layers(
