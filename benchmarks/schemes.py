@@ -74,7 +74,23 @@ def validate(out: Path, quantized: bool) -> dict:
         c = res["stages"]["lowered"]["vs_previous"]  # pointwise: the artifact vs the eager quantized model
         row |= {"eager_mean_kld": q["mean_kld"], "eager_top1": q["top1"]}
         row |= {"lowered_vs_eager_kld": c["mean_kld"], "lowered_vs_eager_flips": f"{c['top1_flips']}/{c['positions']}"}
+        row |= paired_excess(res["stages"]["quantized"]["kld_by_position"], res["stages"]["lowered"]["kld_by_position"])
     return row
+
+
+def paired_excess(eager: dict[str, list], lowered: dict[str, list]) -> dict:
+    """What lowering adds to the KLD vs fp32, position by position: mean and standard error.
+
+    With plain dynamic int8 activations the 270M is chaotic: a 1e-7 change in a float sum moves an
+    activation across a rounding boundary and the flip cascades, so any two fp32 implementations (eager
+    prefill vs eager token by token, too) land on different draws of the quantization noise, and the
+    pointwise lowered-vs-eager KLD is as large as the quantization error itself. That is not an error
+    lowering adds; one would move every position's KLD vs fp32 the same way. This is the paired test of
+    tests/conftest.py's check_lowering_adds_only_noise: excess within ~3 standard errors is noise.
+    """
+    d = [lo - e for p in eager for e, lo in zip(eager[p], lowered[p], strict=True)]
+    mean = statistics.fmean(d)
+    return {"lowering_excess_kld": mean, "lowering_excess_se": statistics.stdev(d) / len(d) ** 0.5}
 
 
 def decode_speed(out: Path, threads: int) -> tuple[float, float]:
@@ -123,7 +139,8 @@ def main() -> None:
             if not manifest.exists():
                 print(q, "kept from", results, "(no bundle in --out)", file=sys.stderr, flush=True)
                 continue
-            if rows[q].get("manifest_sha256") == sha256(manifest):  # the very bundle it measured
+            measured = q == "fp32" or "lowering_excess_kld" in rows[q]  # a row from before paired_excess: again
+            if measured and rows[q].get("manifest_sha256") == sha256(manifest):  # the very bundle it measured
                 print(q, "kept from", results, "(the same bundle)", file=sys.stderr, flush=True)
                 here.append(q)
                 continue
@@ -143,12 +160,15 @@ def main() -> None:
         save()
     print(
         f"| {args.backend} scheme | size MB | export s | peak RSS GB | mean KLD | top-1 | eager KLD / top-1 |"
-        f" lowered vs eager KLD (argmax moved) | prefill tok/s | decode tok/s ({args.threads} threads) |"
+        " lowered vs eager KLD (argmax moved); KLD vs fp32 lowering adds +- s.e. |"
+        f" prefill tok/s | decode tok/s ({args.threads} threads) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for q, r in rows.items():
         eager = f"{r['eager_mean_kld']:.4f} / {r['eager_top1']:.1%}" if "eager_mean_kld" in r else "-"
         vs = f"{r['lowered_vs_eager_kld']:.2e} ({r['lowered_vs_eager_flips']})" if "lowered_vs_eager_kld" in r else "-"
+        if "lowering_excess_kld" in r:
+            vs += f"; adds {r['lowering_excess_kld']:+.1e} +- {r['lowering_excess_se']:.1e}"
         print(
             f"| {q} | {r.get('artifact_mb', '-')} | {r.get('export_s', '-')} | {r.get('peak_rss_gb', '-')} |"
             f" {r['mean_kld']:.4f} | {r['top1']:.1%} | {eager} | {vs} | {r.get('prefill_tok_s', '-')} | {r.get('decode_tok_s', '-')} |"
