@@ -147,12 +147,14 @@ def test_onnx_carries_the_schemes_integer_weights_exactly(tmp_path, scheme):
     assert worst < 1e-3, worst
 
 
-@pytest.mark.parametrize("scheme", ["int4-hqq", pytest.param("int4-g128", marks=pytest.mark.full)])
+@pytest.mark.parametrize("scheme", ["int4-hqq", "int4", pytest.param("int4-g128", marks=pytest.mark.full)])
 def test_tflite_carries_the_schemes_integer_weights(tmp_path, scheme):
-    """int4 blockwise FULLY_CONNECTED / EMBEDDING_LOOKUP with our integers: the .tflite vs the eager quantized model."""
+    """FULLY_CONNECTED / EMBEDDING_LOOKUP with our integers, each in its own format (int4 blockwise, int8 per
+    channel, mixed in one model for `int4`, with its residual rows): the .tflite vs the eager quantized model."""
     from conftest import random_calibration
     from edge.quant.apply import quantize_model
     from edge.quant.schemes import SCHEMES
+    from edge.quant.split import ActResidual
     from edge.runtime import replay
     from edge.validate.metrics import full_kld
 
@@ -163,8 +165,15 @@ def test_tflite_carries_the_schemes_integer_weights(tmp_path, scheme):
     low = litert.export(model, MAX_SEQ, BACKENDS["litert"], meta, Stages())
     path = tmp_path / "q.tflite"
     path.write_bytes(low.program)
-    quantized = {n for n, m in model.named_modules() if hasattr(getattr(m, "weight", None), "qdata")}
+    quantized = {n for n, m in model.named_modules() if hasattr(m._parameters.get("weight"), "qdata")}
     assert {r["name"] for r in low.delegation["integer_weights"]} == quantized
+    formats = {(r["bits"], r["group"], r["dynamic_int8_act"]) for r in low.delegation["integer_weights"]}
+    if scheme == "int4":  # int4 g32 (GPTQ), int8 per channel, the int8 lookup table: one model
+        assert {(4, 32, True), (8, 128, True), (8, 128, False)} <= formats, formats
+    stored = _stored_weights(low.program)
+    assert stored["EMBEDDING_LOOKUP"] <= {"INT4", "INT8"}, stored  # the table as integers, not a float copy
+    residuals = sum(isinstance(m, ActResidual) for m in model.modules())  # each sums its two rows by a float (1, 2)
+    assert stored["FULLY_CONNECTED"].count("FLOAT32") == residuals, stored
     ids = [int(i) for i in torch.randint(0, model.cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3))]
     want, got = replay(EagerRunner(model), ids), replay(TfliteRunner(path), ids)
     kld = full_kld(want, got)
@@ -173,5 +182,24 @@ def test_tflite_carries_the_schemes_integer_weights(tmp_path, scheme):
     decided = (top2[:, 1] - top2[:, 0]) > 0.05
     assert decided.sum() >= len(ids) // 2
     assert (want.argmax(-1)[decided] == got.argmax(-1)[decided]).mean() >= SCHEMES[scheme].lowering_min_top1
-    fp32 = sum(p.numel() * 4 for p in tiny_model(2, **wide).parameters())
-    assert len(low.program) < 0.3 * fp32 + 400_000  # 4.5 bits a weight; the graph itself is ~400 KB here
+    if scheme != "int4":  # all 4-bit; int4 keeps most tiny linears at 8 bits
+        fp32 = sum(p.numel() * 4 for p in tiny_model(2, **wide).parameters())
+        assert len(low.program) < 0.3 * fp32 + 400_000  # 4.5 bits a weight; the graph itself is ~400 KB here
+
+
+def _stored_weights(program: bytes) -> dict[str, list[str]]:
+    """The type of every FULLY_CONNECTED weight / EMBEDDING_LOOKUP table in the first signature, by op."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+    model = fu.read_model(program)
+    types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    out: dict[str, list[str]] = {"FULLY_CONNECTED": [], "EMBEDDING_LOOKUP": []}
+    sg = model.subgraphs[0]
+    for op in sg.operators:
+        name = fu.TFL_OP_CODE_TO_NAME.get(model.operatorCodes[op.opcodeIndex].builtinCode)
+        name = getattr(name, "value", name)
+        if name in out:
+            out[name].append(types[sg.tensors[op.inputs[1]].type])
+    out["EMBEDDING_LOOKUP"] = set(out["EMBEDDING_LOOKUP"])
+    return out

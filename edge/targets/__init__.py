@@ -84,11 +84,11 @@ BACKENDS: dict[str, Backend] = {
             "litert_torch",
             _LITERT,
             True,
-            ("fp32", "fp16", "int4-hqq", "int4-g128"),
+            ("fp32", "fp16", "int4-hqq", "int4-g128", "int4", "rtn-int8", "rtn-int4"),
             note="prefill_<N> / decode signatures, KV cache in and out; runs with numpy + ai-edge-litert",
             runtime="ai_edge_litert",
-            # The mixed int4 scheme (shared int8 table, Q4_K grids with offsets) is not carried into
-            # LiteRT yet (edge/targets/litert_quant.py reads one 4-bit format): its int4 is int4-hqq.
+            # Each FULLY_CONNECTED / EMBEDDING_LOOKUP gets its own weight's format (litert_quant._per_weight),
+            # so the mixed int4 lowers too; the default stays int4-hqq until the 270M's LiteRT int4 is measured.
             default_quant="int4-hqq",
         ),
         Backend(

@@ -93,16 +93,11 @@ def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages, floa
         dequantized(model, dynamic_ok=True) as found,
     ):
         program = convert(model, max_seq_len, meta["vocab_size"], prefill)
-    weights = list({id(iw): iw for iw, _ in found.values()}.values())
+    weights = found.weights
     coverage = []
     if weights:
-        linears = [w for w in weights if w.kind == "linear"]
-        tables = [w for w in weights if w.kind == "embedding"]
-        dynamic = {w.dynamic for w in linears}
-        if len(dynamic) > 1:
-            raise NotImplementedError("linears with and without dynamic activations in one scheme: not in LiteRT yet")
         with stages.run("quantize", "ai-edge-quantizer writes the scheme's integers and scales, unchanged"):
-            program = litert_quant.quantize(program, linears, tables, dynamic.pop() if dynamic else False)
+            program = litert_quant.quantize(program, weights)
         coverage = [{"name": w.name, "bits": w.bits, "group": w.group, "dynamic_int8_act": w.dynamic} for w in weights]
     if float16_weights:
         with stages.run("quantize", "ai-edge-quantizer stores every FULLY_CONNECTED / EMBEDDING_LOOKUP weight as fp16"):

@@ -24,7 +24,20 @@ import numpy as np
 
 from edge.targets.onnx_quant import IntWeight, _key
 
-_TABLE: dict[str, IntWeight] = {}  # the weights of the current quantize() call, by _key(float weight)
+# The weights of the current quantize() call: {_key(float weight): {"linear" | "embedding": IntWeight}}. One
+# float table can be both a head and a lookup (Scheme.shared_table): each op takes its own kind's weight.
+_TABLE: dict[str, dict[str, IntWeight]] = {}
+
+
+def _weight(op_info, content: np.ndarray) -> IntWeight | None:
+    """The scheme's integer weight whose dequantized floats are `content`, as the op's kind uses it."""
+    from ai_edge_quantizer import qtyping
+
+    by_kind = _TABLE.get(_key(content), {})
+    kind = "embedding" if op_info.op_name == qtyping.TFLOperationName.EMBEDDING_LOOKUP else "linear"
+    return by_kind.get(kind) or next(iter(by_kind.values()), None)
+
+
 _registered = False
 
 
@@ -35,7 +48,7 @@ def _exact_params(op_info, cfg, content=None, qsv=None):
 
     if content is None:  # activations: computed at run time (dynamic) or left float
         return dwr.get_tensor_quant_params(op_info, cfg, content, qsv)
-    iw = _TABLE.get(_key(content))
+    iw = _weight(op_info, content)
     if iw is None:
         raise NotImplementedError(
             f"a {op_info.op_name} weight {tuple(content.shape)} is not one of the scheme's integer weights (the scheme"
@@ -81,9 +94,55 @@ def _register() -> None:
             tfl_op_name=op,
             init_qsv_func=dwr.init_qsvs,
             calibration_func=dwr.calibrate,
-            materialize_func=functools.partial(materialize, _exact_params),
+            materialize_func=functools.partial(_per_weight, materialize),
         )
     _registered = True
+
+
+def _per_weight(materialize, op_info, graph_info, *args, **kwargs):
+    """Materialize an op with its own weight's config, so one model mixes precisions.
+
+    A recipe entry matches ops by a regex on their output tensors' names (recipe_manager.py), which
+    litert-torch derives from class-qualified module paths, fused ops joining several, and which a
+    signature's output loses altogether. So the recipe's one ".*" entry per op kind only selects this
+    algorithm, and the config comes from the weight itself, looked up by its bytes like its integers:
+    bits, grouping, and dynamic activations or a DEQUANTIZE (the transformation is chosen from the op
+    config's compute_precision / explicit_dequantize, not from the params, so the whole config is
+    swapped). A swapped config skips the recipe's policy check: checked here instead."""
+    import dataclasses
+
+    from ai_edge_quantizer import algorithm_manager
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils
+
+    tensor = graph_info.subgraph_tensors[op_info.op.inputs[1]]  # the FC weight / the lookup's table
+    data = tfl_flatbuffer_utils.get_tensor_data(tensor, graph_info.buffers)
+    if data is not None and data.dtype == np.float32:
+        iw = _weight(op_info, data)
+        if iw is None:  # a constant the scheme kept in fp32 (quant.coverage says why): the op stays float
+            return _no_quantize(op_info, graph_info)
+        cfg = _op_config(iw)
+        algorithm_manager.check_op_quantization_config(AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY, op_info.op_name, cfg)
+        op_info = dataclasses.replace(op_info, op_quant_config=cfg)
+    return materialize(_exact_params, op_info, graph_info, *args, **kwargs)
+
+
+def _no_quantize(op_info, graph_info) -> list:
+    """The op's tensors as they are (ai-edge-quantizer's ParamsGenerator._get_params_for_no_quant_op)."""
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils
+
+    keep = qtyping.OpToTensorParams(
+        subgraph_op_id=op_info.subgraph_op_index, transformations=[qtyping.QuantTransformation.NO_QUANTIZE]
+    )
+    name = lambda i: tfl_flatbuffer_utils.get_tensor_name(graph_info.subgraph_tensors[i])  # noqa: E731
+    ins = [
+        qtyping.TensorTransformationParams(tensor_name=name(i), consumers=[keep]) for i in op_info.op.inputs if i != -1
+    ]
+    outs = [
+        qtyping.TensorTransformationParams(tensor_name=name(i), producer=keep) for i in op_info.op.outputs if i != -1
+    ]
+    return ins + outs
 
 
 def _grouping(w: IntWeight) -> int | None:
@@ -95,18 +154,20 @@ def _grouping(w: IntWeight) -> int | None:
     return w.group
 
 
-def _op_config(weights: list[IntWeight], dynamic: bool):
-    """One recipe entry for all weights of an op kind: they must share bits and grouping."""
+def _op_config(w: IntWeight):
+    """The quantizer's op config that stores `w` as it is: its bits, its grouping, and dynamic int8
+    activations (INTEGER compute) or, weight-only, a DEQUANTIZE before a float op. A lookup reads its
+    table as integers ("INTEGER"); no activation is quantized there."""
     from ai_edge_quantizer import qtyping
 
-    kinds = {(w.bits, _grouping(w)) for w in weights}
-    if len(kinds) != 1:
-        raise NotImplementedError(f"mixed precisions in one op kind ({sorted(kinds, key=str)}): not in one recipe yet")
-    bits, group = kinds.pop()
+    bits, group = w.bits, _grouping(w)
+    dynamic = w.dynamic or w.kind == "embedding"
     if group and bits != 4:
-        raise NotImplementedError(f"int{bits} in groups of {group}: TFLite holds blockwise int4 only")
+        raise NotImplementedError(f"{w.name}: int{bits} in groups of {group}: TFLite holds blockwise int4 only")
     if group and not dynamic:
-        raise NotImplementedError("blockwise weights need dynamic int8 activations in TFLite (no weight-only form)")
+        raise NotImplementedError(
+            f"{w.name}: blockwise weights need dynamic int8 activations in TFLite (no weight-only form)"
+        )
     gran = qtyping.QuantGranularity(f"BLOCKWISE_{group}" if group else "CHANNELWISE")
     return qtyping.OpQuantizationConfig(
         weight_tensor_config=qtyping.TensorQuantizationConfig(num_bits=bits, symmetric=True, granularity=gran),
@@ -115,21 +176,30 @@ def _op_config(weights: list[IntWeight], dynamic: bool):
     )
 
 
-def quantize(fp32_tflite: bytes, linears: list[IntWeight], tables: list[IntWeight], dynamic: bool) -> bytes:
-    """The float .tflite with every FULLY_CONNECTED / EMBEDDING_LOOKUP weight replaced by our integers."""
+def quantize(fp32_tflite: bytes, weights: list[IntWeight]) -> bytes:
+    """The float .tflite with every FULLY_CONNECTED / EMBEDDING_LOOKUP weight replaced by our integers,
+    each with its own bits, grouping and activations (_per_weight): one model may mix them."""
     from ai_edge_quantizer import qtyping, quantizer, recipe_manager
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
+    for w in weights:
+        _op_config(w)  # every weight's form is checked before the quantizer's work
     _register()
     _TABLE.clear()
-    _TABLE.update({_key(w.q.astype(np.float32) * np.repeat(w.scale, w.group, axis=1)): w for w in linears + tables})
+    for w in weights:
+        _TABLE.setdefault(_key(w.q.astype(np.float32) * np.repeat(w.scale, w.group, axis=1)), {})[w.kind] = w
+    # One ".*" entry per op kind selects the algorithm; its config (int8 per channel, dynamic: valid for
+    # both kinds) is replaced by each weight's own in _per_weight, and an op on no weight of ours stays float.
     rm = recipe_manager.RecipeManager()
-    algo = AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY
-    if linears:
-        rm.add_quantization_config(".*", qtyping.TFLOperationName.FULLY_CONNECTED, _op_config(linears, dynamic), algo)
-    if tables:
-        # a lookup reads the table as integers ("INTEGER"); no activation is quantized
-        rm.add_quantization_config(".*", qtyping.TFLOperationName.EMBEDDING_LOOKUP, _op_config(tables, True), algo)
+    base = qtyping.OpQuantizationConfig(
+        weight_tensor_config=qtyping.TensorQuantizationConfig(
+            num_bits=8, symmetric=True, granularity=qtyping.QuantGranularity.CHANNELWISE
+        ),
+        compute_precision=qtyping.ComputePrecision.INTEGER,
+        explicit_dequantize=False,
+    )
+    for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP):
+        rm.add_quantization_config(".*", op, base, AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY)
     try:
         return bytes(quantizer.Quantizer(fp32_tflite, rm.get_quantization_recipe()).quantize().quantized_model)
     finally:

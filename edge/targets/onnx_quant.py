@@ -52,6 +52,14 @@ def _pow2_block(cols: int, group: int) -> int:
     return min(b, 1 << 12)
 
 
+class _Found(dict):
+    """{hash of a float weight: (IntWeight, transposed)}, and every module's IntWeight in `weights`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[IntWeight] = []
+
+
 @contextmanager
 def dequantized(model: nn.Module, dynamic_ok: bool = False):
     """The model with float weights equal to its quantized ones; yields {hash: (IntWeight, transposed)}.
@@ -59,9 +67,9 @@ def dequantized(model: nn.Module, dynamic_ok: bool = False):
     The quantized weights are restored afterwards. A weight with dynamic activation quantization
     computes differently from its dequantized float: refused unless `dynamic_ok` (the caller then
     re-creates the activation quantization, as LiteRT's dynamic-range ops do)."""
-    found, kept = {}, []
+    found, kept = _Found(), []
     for name, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
+        w = mod._parameters.get("weight")  # its own: a wrapper's `weight` property (ActResidual) is its inner linear's
         if w is None or not hasattr(w, "qdata"):
             continue
         dynamic = getattr(w, "activation_quantization", None) is not None
@@ -75,6 +83,7 @@ def dequantized(model: nn.Module, dynamic_ok: bool = False):
         kind = "embedding" if isinstance(mod, nn.Embedding) else "linear"
         iw = IntWeight(name, w.qdata.numpy().astype(np.int8), w.scale.float().numpy(), group, bits, kind, dynamic)
         array = deq.numpy()
+        found.weights.append(iw)  # a table shared by two modules (Scheme.shared_table) is one key, two weights
         found[_key(array)] = (iw, False)
         found[_key(array.T)] = (iw, True)
         kept.append((mod, w))
