@@ -361,7 +361,8 @@ def export(
         # ExecuTorch stores them once only in an external weights file (targets/executorch._external_weights).
         tied_fp32 = not scheme.quantized and v.config.tie_embeddings and plan.backend.name == "xnnpack"
         same_bytes = scheme.shared_table or tied_fp32
-        extra = {"external_weights": True} if same_bytes else {}  # executorch only (scheme and backend lists)
+        # ExecuTorch stores it once in model.ptd; a .tflite shares the buffer itself (litert_quant._per_weight).
+        extra = {"external_weights": True} if same_bytes and plan.backend.family == "executorch" else {}
         if scheme.float16:
             extra["float16_weights"] = True  # litert only (the backends' scheme lists)
         if on_quantized is not None:

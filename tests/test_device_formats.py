@@ -203,3 +203,19 @@ def _stored_weights(program: bytes) -> dict[str, list[str]]:
             out[name].append(types[sg.tensors[op.inputs[1]].type])
     out["EMBEDDING_LOOKUP"] = set(out["EMBEDDING_LOOKUP"])
     return out
+
+
+def test_the_mixed_int4_exports_as_a_litert_bundle(tmp_path):
+    """`edge export --backend litert --quant int4` end to end: its shared int8 table (head and lookup, one
+    key) reaches the .tflite as integers, stored once, and the bundle's runner runs it."""
+    from edge import api
+    from edge import bundle as bundle_mod
+
+    manifest = api.export("tiny-test", "rpi", "litert", "int4", random_weights=True, max_seq_len=64, out=tmp_path / "b")
+    names = {r["name"] for r in manifest["delegation"]["integer_weights"]}
+    assert {"embed", "lm_head.lin"} <= names, names
+    program = (tmp_path / "b" / "model.tflite").read_bytes()
+    assert _stored_weights(program)["EMBEDDING_LOOKUP"] == {"INT8"}
+    runner = api.open_runner(bundle_mod.load(tmp_path / "b"))
+    logits = runner.prefill([2, 5, 9, 11])
+    assert np.isfinite(logits).all() and logits.shape[-1] == manifest["arch"]["vocab_size"]
