@@ -174,7 +174,8 @@ def main() -> None:
             vs += f"; adds {r['lowering_excess_kld']:+.1e} +- {r['lowering_excess_se']:.1e}"
         print(
             f"| {q} | {r.get('artifact_mb', '-')} | {r.get('export_s', '-')} | {r.get('peak_rss_gb', '-')} |"
-            f" {r['mean_kld']:.4f} | {r['top1']:.1%} | {eager} | {vs} | {r.get('prefill_tok_s', '-')} | {r.get('decode_tok_s', '-')} |"
+            f" {r['mean_kld']:.4f} | {r['top1']:.1%} | {eager} | {vs} |"
+            f" {r.get('prefill_tok_s', '-')} | {r.get('decode_tok_s', '-')} |"
         )
 
 
