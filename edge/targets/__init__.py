@@ -116,6 +116,9 @@ BACKENDS["litert-gpu"] = replace(
     "each GPU delegate refuses (edge/targets/gpu_ops.py); run it in fp32 precision. Here it runs on LiteRT's "
     "CPU (no GPU on this host): the same program, validated the same way",
     default_quant="fp16",
+    # Not the mixed int4 (LiteRT CPU): its program is not checked against the GPU delegates' rules yet, and
+    # android's default int4 would displace fp16 as this backend's default.
+    schemes=("fp32", "fp16", "int4-hqq", "int4-g128"),
 )
 
 
