@@ -51,9 +51,8 @@ def _exact_params(op_info, cfg, content=None, qsv=None):
     iw = _weight(op_info, content)
     if iw is None:
         raise NotImplementedError(
-            f"a {op_info.op_name} weight {tuple(content.shape)} is not one of the scheme's integer weights (the scheme"
-            " left it in fp32, e.g. its width is not a multiple of the group): mixed float / integer layers are not"
-            " in the LiteRT recipe yet"
+            f"a {op_info.op_name} weight {tuple(content.shape)} ({content.dtype}) is not one of the scheme's integer"
+            " weights: _per_weight leaves fp32 constants float, so this one reached the quantizer in another dtype"
         )
     dim = common_utils.get_weight_quantized_dim(op_info, content, cfg.granularity)
     if cfg.granularity != qtyping.QuantGranularity.CHANNELWISE:
