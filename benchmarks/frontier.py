@@ -60,15 +60,18 @@ def plot(rows: dict[str, dict], backend: str, path: Path) -> None:
 
     front = frontier(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for q, r in rows.items():
+    labels = []
+    for q, r in sorted(rows.items(), key=lambda kv: (kv[1]["artifact_mb"], -kv[1]["mean_kld"])):
         on = q in front
         ax.scatter(r["artifact_mb"], max(r["mean_kld"], KLD_FLOOR), color="C0" if on else "C7", zorder=3)
-        ax.annotate(
-            f"{q} ({r['top1']:.1%})",
-            (r["artifact_mb"], max(r["mean_kld"], KLD_FLOOR)),
-            textcoords="offset points",
-            xytext=(6, 4),
-            fontsize=8,
+        labels.append(
+            ax.annotate(
+                f"{q} ({r['top1']:.1%})",
+                (r["artifact_mb"], max(r["mean_kld"], KLD_FLOOR)),
+                textcoords="offset points",
+                xytext=(6, 4),
+                fontsize=8,
+            )
         )
     pts = sorted((rows[q]["artifact_mb"], max(rows[q]["mean_kld"], KLD_FLOOR)) for q in front)
     ax.plot(*zip(*pts, strict=True), color="C0", lw=1, zorder=2)
@@ -84,12 +87,35 @@ def plot(rows: dict[str, dict], backend: str, path: Path) -> None:
     )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    sizes = [r["artifact_mb"] for r in rows.values()]
+    ticks = [
+        t
+        for t in (100, 150, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000)
+        if 0.6 * min(sizes) < t < 1.5 * max(sizes)
+    ]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    _unstack(fig, labels)
     ax.set_xlabel("bundle weights (MB, what the device loads)")
     ax.set_ylabel("mean KLD vs fp32 (golden prompts)")
     ax.set_title(f"Gemma 3 270M on {backend}: size vs accuracy (top-1 in brackets)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def _unstack(fig, labels) -> None:
+    """Move each label down, in order, until it overlaps no label placed before it (nearby schemes)."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for a in labels:
+        for _ in range(8):
+            box = a.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                break
+            x, y = a.xyann
+            a.xyann = (x, y - 10)
+        placed.append(a.get_window_extent(renderer))
 
 
 def main() -> None:
@@ -103,7 +129,17 @@ def main() -> None:
     md = table(rows, backend)
     print(md)
     if args.md:
-        args.md.write_text(md)
+        png = f"\n![size vs KLD]({args.png.name})\n" if args.png and args.png.parent == args.md.parent else ""
+        head = (
+            f"# Size / accuracy frontier: Gemma 3 270M, {backend}\n\n"
+            f"Written by `benchmarks/frontier.py {args.results}` from what `benchmarks/schemes.py`\n"
+            "measured: the bytes a device loads; mean KLD and top-1 of the lowered artifact vs the fp32\n"
+            "reference on the golden prompts (`edge validate`); decode tok/s through the artifact's runner\n"
+            "('-' where not measured yet). On the frontier: no other scheme is both as small and as accurate.\n"
+            "llama.cpp's point is its own runtime on the source Q4_K_M file, measured with the same metric\n"
+            "(shared/notes/quant-accuracy.md; the script does not re-measure it).\n"
+        )
+        args.md.write_text(head + png + "\n" + md)
     if args.png:
         plot(rows, backend, args.png)
         print(f"plot written to {args.png}")
