@@ -172,6 +172,12 @@ def test_tflite_carries_the_schemes_integer_weights(tmp_path, scheme):
         assert {(4, 32, True), (8, 128, True), (8, 128, False)} <= formats, formats
     stored = _stored_weights(low.program)
     assert stored["EMBEDDING_LOOKUP"] <= {"INT4", "INT8"}, stored  # the table as integers, not a float copy
+    # Every signature's subgraph refers to the same weights: their names and quantization tables are
+    # written once (litert_quant.shared_tables), not once per signature. (All-blockwise schemes keep their
+    # scales in buffers, which were shared already: no per-channel vector to look for.)
+    scales = _weight_scales(low.program)
+    assert len(low.io["signatures"]) > 1 and bool(scales) == (scheme == "int4")
+    assert all(low.program.count(s) == 1 for s in scales), [low.program.count(s) for s in scales]
     residuals = sum(isinstance(m, ActResidual) for m in model.modules())  # each sums its two rows by a float (1, 2)
     assert stored["FULLY_CONNECTED"].count("FLOAT32") == residuals, stored
     ids = [int(i) for i in torch.randint(0, model.cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3))]
@@ -202,6 +208,20 @@ def _stored_weights(program: bytes) -> dict[str, list[str]]:
         if name in out:
             out[name].append(types[sg.tensors[op.inputs[1]].type])
     out["EMBEDDING_LOOKUP"] = set(out["EMBEDDING_LOOKUP"])
+    return out
+
+
+def _weight_scales(program: bytes) -> list[bytes]:
+    """The serialized per-channel scales (float32 vectors of 16 or more) of the first signature's weights."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fu
+
+    model = fu.read_model(program)
+    sg = model.subgraphs[0]
+    out = []
+    for op in sg.operators:
+        q = sg.tensors[op.inputs[1]].quantization if len(op.inputs) > 1 else None
+        if q is not None and q.scale is not None and len(q.scale) >= 16:
+            out.append(np.asarray(q.scale, np.float32).tobytes())
     return out
 
 

@@ -18,6 +18,7 @@ already (apply._bf16_group_scales), so they pass exactly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -175,6 +176,61 @@ def _op_config(w: IntWeight):
     )
 
 
+def _quant_key(qp) -> tuple | None:
+    """The content of a QuantizationParametersT, or None when it holds details we do not compare."""
+    arrays = tuple(
+        None if a is None else np.asarray(a, dt).tobytes()
+        for a, dt in ((qp.min, np.float32), (qp.max, np.float32), (qp.scale, np.float32), (qp.zeroPoint, np.int64))
+    )
+    d = qp.details
+    if d is not None and not all(hasattr(d, f) for f in ("scales", "zeroPoints", "blockSize")):
+        return None
+    shape = None if getattr(d, "blockShape", None) is None else tuple(d.blockShape)
+    details = None if d is None else (type(d).__name__, d.scales, d.zeroPoints, d.blockSize, shape)
+    return (*arrays, qp.detailsType, details, qp.quantizedDimension)
+
+
+@contextlib.contextmanager
+def shared_tables():
+    """Serialize every identical string and quantization-parameters table once.
+
+    Each signature is a subgraph with its own tensor list, so the same weight's tensor name and its
+    per-channel scales and int64 zero points (12 bytes per output channel: 3.1 MB for the 270M's
+    262k-row table) were written once per signature, although its buffer is shared: 25 MB of the
+    270M's four-signature int4 .tflite beyond its 250 MB of weights. A flatbuffer may point to one
+    table from many places (a DAG; the verifier checks bounds, not uniqueness), so packing equal
+    content once changes no value the interpreter reads. ai-edge-quantizer packs the model through
+    the generated object API (flatbuffer_utils.convert_object_to_bytearray): while this is active,
+    Builder.CreateString and QuantizationParametersT.Pack return the offset of an equal earlier one
+    in the same builder (builders are held, so their ids are not reused while this runs).
+    """
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    create, pack = flatbuffers.Builder.CreateString, fb.QuantizationParametersT.Pack
+    memo: dict[int, tuple] = {}
+
+    def once(builder, key, make):
+        _, cache = memo.setdefault(id(builder), (builder, {}))
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
+
+    def create_string(self, s, encoding="utf-8", errors="strict"):
+        return once(self, ("s", s), lambda: create(self, s, encoding, errors))
+
+    def pack_quant(self, builder):
+        key = _quant_key(self)
+        return pack(self, builder) if key is None else once(builder, ("q", key), lambda: pack(self, builder))
+
+    flatbuffers.Builder.CreateString, fb.QuantizationParametersT.Pack = create_string, pack_quant
+    try:
+        yield
+    finally:
+        flatbuffers.Builder.CreateString, fb.QuantizationParametersT.Pack = create, pack
+        memo.clear()
+
+
 def quantize(fp32_tflite: bytes, weights: list[IntWeight]) -> bytes:
     """The float .tflite with every FULLY_CONNECTED / EMBEDDING_LOOKUP weight replaced by our integers,
     each with its own bits, grouping and activations (_per_weight): one model may mix them."""
@@ -200,7 +256,8 @@ def quantize(fp32_tflite: bytes, weights: list[IntWeight]) -> bytes:
     for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP):
         rm.add_quantization_config(".*", op, base, AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY)
     try:
-        return bytes(quantizer.Quantizer(fp32_tflite, rm.get_quantization_recipe()).quantize().quantized_model)
+        with shared_tables():
+            return bytes(quantizer.Quantizer(fp32_tflite, rm.get_quantization_recipe()).quantize().quantized_model)
     finally:
         _TABLE.clear()
 
@@ -219,4 +276,5 @@ def float16(fp32_tflite: bytes) -> bytes:
     rm = recipe_manager.RecipeManager()
     for op in (qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP):
         rm.add_quantization_config(".*", op, cfg, AlgorithmName.FLOAT_CASTING)
-    return bytes(quantizer.Quantizer(fp32_tflite, rm.get_quantization_recipe()).quantize().quantized_model)
+    with shared_tables():
+        return bytes(quantizer.Quantizer(fp32_tflite, rm.get_quantization_recipe()).quantize().quantized_model)
