@@ -69,14 +69,15 @@ class ByteProgress:
                 print(f"  {self.label}: {mb:.0f} / {self.total / 1e6:.0f} MB ({pct}%)", end=end, file=sys.stderr)
 
 
-def counter(label: str):
-    """A callback(done, total) that reports a count every quarter (for loops over layers or sites)."""
-    last = [-1]
+def counter(label: str, every_s: float = 30.0):
+    """A callback(done, total) that reports a count every quarter (for loops over layers or sites), and
+    at least every `every_s` seconds while it runs (the 2B's GPTQ spends many minutes per quarter)."""
+    last = [-1, time.monotonic()]
 
     def update(done: int, total: int) -> None:
         quarter = 4 * done // max(total, 1)
-        if quarter != last[0]:
-            last[0] = quarter
+        if quarter != last[0] or time.monotonic() - last[1] >= every_s:
+            last[0], last[1] = quarter, time.monotonic()
             say(f"  {label}: {done} / {total}")
 
     return update
