@@ -227,28 +227,25 @@ def _special_ids(tok) -> dict:
     }
 
 
-def estimate_peak_bytes(
-    n_params: int, vocab: int, quantized: bool, backend: str, n_layers: int = 0, act_residual: bool = False
-) -> int:
-    """Preflight estimate of the export's peak RSS: the fp32 model, golden capture, and lowering.
+def estimate_peak_bytes(n_params: int, vocab: int, quantized: bool, backend: str) -> int:
+    """Preflight estimate of the export's peak RSS, in bytes: the fp32 model, golden capture, quantizing, lowering.
 
-    Measured peaks: 270M (1.07 GB of fp32 weights; 0.64 GB of logits for the 612-token golden
-    prompt): XNNPACK int4 9.5 GB and int8 9.2 GB (the lowering of ActResidual's graph; int4 without
-    it: 5.1 GB, SmoothQuant's capture and alpha search), fp32 6.3 GB, CoreML weight-only 7.1 GB,
-    Vulkan fp32 6.2 GB; gemma2-2b random weights (10.5 GB fp32), XNNPACK int4 before ActResidual:
-    19.2 GB (`/usr/bin/time -v edge export --variant 2b --target android --random-weights`). This
-    formula gives 9.8 GB for the 270M int4 and 27.8 GB for the 2B's (not measured with ActResidual:
-    the per-layer term is fitted on the 270M, so a 24 GB host refuses it).
-    LiteRT int4 11.1 GB (litert-torch converts four signatures of the float model, the head untied:
-    factor 7.3); ONNX int8-wo / int4-wo 7.6 / 7.4 GB, fp32 4.8 GB (factor 4.0).
+    Measured peaks, GiB (`/usr/bin/time -v edge export ...`, 2026-12-03): gemma2-2b `--random-weights`
+    (9.7 GiB of fp32 weights) XNNPACK int4 17.4, reached while quantizing (GPTQ's Hessians and the
+    sampled calibration beside the fp32 model; lowering stayed under it); the 270M (1.0 GiB fp32, 0.6
+    GiB of logits for the 612-token golden prompt) XNNPACK int4 4.05, LiteRT int4 8.1 (litert-torch
+    converts four signatures of the float model, the head untied). From benchmarks/schemes.py's
+    manifests: int4-hqq 5.1, int4-g128 4.8, fp32 5.9. Older records: CoreML weight-only 7.1, Vulkan fp32
+    6.2, ONNX int8-wo / int4-wo 7.6 / 7.4, fp32 4.8. This gives 19.6 GiB for the 2B's int4 and 4.8 for
+    the 270M's. ActResidual's graph (int8, int4) no longer costs more to lower than the plain one (its
+    term of 0.26 GB per layer is gone): XNNPACK's partitioner kept O(N^2) Python sets of every node's
+    users (the 270M int4 peaked at 9.5 then), which CompactDependencies (edge/targets/executorch.py)
+    holds as bits.
     """
     fp32 = 4 * n_params
     golden = 612 * vocab * 4 * 2  # the long prompt's logits and one working copy
     factor = {"coreml": 4.5, "litert": 7.3, "litert-gpu": 7.3, "onnx": 4.0}.get(backend, 1.7 if quantized else 4.0)
-    # ActResidual schemes (int8, int4): XNNPACK's lowering of the two-row graph, ~20 more ops per linear,
-    # peaked at 9.2 GB on the 270M (18 layers; 4.9 GB before): ~0.26 GB per layer over the formula.
-    graph = 0.26e9 * n_layers if act_residual and backend == "xnnpack" else 0
-    return int(fp32 * factor + golden + 2.0e9 + graph)
+    return int(fp32 * factor + golden + 2.0e9)
 
 
 def export(
@@ -309,14 +306,9 @@ def export(
         )
     out = Path(out) if out is not None else default_out(v.name, plan.target.name, plan.backend.name, plan.scheme_name)
     bundle_mod.check_destination(out, force)
-    need = estimate_peak_bytes(
-        v.config.num_params(),
-        v.config.vocab_size,
-        scheme.quantized,
-        plan.backend.name,
-        v.config.n_layers,
-        scheme.act_residual,
-    ) + (3 * 4 * v.config.num_params() if auto else 0)  # fmt: skip  (auto: the smoothed copy, a candidate, the best)
+    need = estimate_peak_bytes(v.config.num_params(), v.config.vocab_size, scheme.quantized, plan.backend.name)
+    if auto:  # the smoothed copy, a candidate, the best
+        need += 3 * 4 * v.config.num_params()
     avail = psutil.virtual_memory().available
     if need > avail:
         raise EdgeError(
