@@ -22,7 +22,8 @@ def test_the_2b_estimate_covers_its_measured_peak_and_fits_this_host():
     the estimate must not be below it (an export that then dies of OOM), nor refuse it on a 24 GiB host."""
     need = _estimate("2b")
     assert 17.4 * GiB <= need <= 22 * GiB, need / GiB
-    assert 4.05 * GiB <= _estimate("270m") <= 6 * GiB  # the 270M int4: 4.05 GiB measured
+    # The 270M's quantized XNNPACK exports (GiB, 2026-12-03): int4 4.05, int8 4.67, int4-hqq 5.1.
+    assert 5.1 * GiB <= _estimate("270m") <= 6 * GiB
 
 
 def test_export_refuses_early_when_memory_is_short(monkeypatch, tmp_path):
