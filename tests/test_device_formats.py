@@ -172,9 +172,9 @@ def test_tflite_carries_the_schemes_integer_weights(tmp_path, scheme):
         assert {(4, 32, True), (8, 128, True), (8, 128, False)} <= formats, formats
     stored = _stored_weights(low.program)
     assert stored["EMBEDDING_LOOKUP"] <= {"INT4", "INT8"}, stored  # the table as integers, not a float copy
-    # Every signature's subgraph refers to the same weights: their names and quantization tables are
-    # written once (litert_quant.shared_tables), not once per signature. (All-blockwise schemes keep their
-    # scales in buffers, which were shared already: no per-channel vector to look for.)
+    # Every signature's subgraph refers to the same weights: their quantization tables are written once
+    # (litert_quant.shared_tables), not once per signature. (All-blockwise schemes keep their scales in
+    # buffers, which were shared already: no per-channel vector to look for.)
     scales = _weight_scales(low.program)
     assert len(low.io["signatures"]) > 1 and bool(scales) == (scheme == "int4")
     assert all(low.program.count(s) == 1 for s in scales), [low.program.count(s) for s in scales]

@@ -192,43 +192,38 @@ def _quant_key(qp) -> tuple | None:
 
 @contextlib.contextmanager
 def shared_tables():
-    """Serialize every identical string and quantization-parameters table once.
+    """Serialize every identical quantization-parameters table once.
 
     Each signature is a subgraph with its own tensor list, so a weight's per-channel scales and int64
     zero points (12 bytes per output channel: 3.1 MB for the 270M's 262k-row table) were written once
     per signature, although its buffer is shared: the 270M's four-signature int4 .tflite went from
-    275.1 to 262.2 MB. (Its tensor names are unique per signature, so sharing strings saves nothing
-    there; it costs nothing either.) A flatbuffer may point to one
-    table from many places (a DAG; the verifier checks bounds, not uniqueness), so packing equal
-    content once changes no value the interpreter reads. ai-edge-quantizer packs the model through
-    the generated object API (flatbuffer_utils.convert_object_to_bytearray): while this is active,
-    Builder.CreateString and QuantizationParametersT.Pack return the offset of an equal earlier one
-    in the same builder (builders are held, so their ids are not reused while this runs).
+    275.1 to 262.2 MB. (Its tensor names are unique per signature: sharing strings would save nothing.)
+    A flatbuffer may point to one table from many places (a DAG; the verifier checks bounds, not
+    uniqueness), so packing equal content once changes no value the interpreter reads.
+    ai-edge-quantizer packs the model through the generated object API
+    (flatbuffer_utils.convert_object_to_bytearray): while this is active, QuantizationParametersT.Pack
+    returns the offset of an equal earlier table in the same builder (builders are held, so their ids
+    are not reused while this runs).
     """
-    import flatbuffers
     from ai_edge_litert import schema_py_generated as fb
 
-    create, pack = flatbuffers.Builder.CreateString, fb.QuantizationParametersT.Pack
-    memo: dict[int, tuple] = {}
+    pack = fb.QuantizationParametersT.Pack
+    memo: dict[int, tuple] = {}  # id(builder) -> (builder, {content: offset})
 
-    def once(builder, key, make):
+    def pack_once(self, builder):
+        key = _quant_key(self)
+        if key is None:
+            return pack(self, builder)
         _, cache = memo.setdefault(id(builder), (builder, {}))
         if key not in cache:
-            cache[key] = make()
+            cache[key] = pack(self, builder)
         return cache[key]
 
-    def create_string(self, s, encoding="utf-8", errors="strict"):
-        return once(self, ("s", s), lambda: create(self, s, encoding, errors))
-
-    def pack_quant(self, builder):
-        key = _quant_key(self)
-        return pack(self, builder) if key is None else once(builder, ("q", key), lambda: pack(self, builder))
-
-    flatbuffers.Builder.CreateString, fb.QuantizationParametersT.Pack = create_string, pack_quant
+    fb.QuantizationParametersT.Pack = pack_once
     try:
         yield
     finally:
-        flatbuffers.Builder.CreateString, fb.QuantizationParametersT.Pack = create, pack
+        fb.QuantizationParametersT.Pack = pack
         memo.clear()
 
 
