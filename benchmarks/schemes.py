@@ -97,22 +97,11 @@ def paired_excess(eager: dict[str, list], lowered: dict[str, list]) -> dict:
 
 
 def decode_speed(out: Path, threads: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of one round: 32-token prompt, 64 greedy steps."""
-    code = f"""
-import json, time
-from edge import api, bundle
-m = bundle.load({str(out)!r}); r = api.open_runner(m, threads={threads})
-ids = [2] + list(range(1000, 1031))
-r.reset(); r.prefill(ids[:8]); r.reset()  # warm-up (first calls allocate)
-t = time.perf_counter(); logits = r.prefill(ids); p = time.perf_counter() - t
-t = time.perf_counter()
-for _ in range(64):
-    logits = r.decode(int(logits.argmax()))
-d = time.perf_counter() - t
-print(json.dumps([len(ids) / p, 64 / d]))
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return tuple(json.loads(r.stdout.strip().splitlines()[-1]))
+    """(prefill tok/s, decode tok/s) of one round of `edge bench`: 32-token prompt, 64 greedy decode steps."""
+    cmd = [*EDGE, "bench", str(out), "--prompt-len", "32", "--gen-len", "65", "--repeats", "1"]
+    r = subprocess.run([*cmd, "--threads", str(threads), "--json"], capture_output=True, text=True, check=True)
+    res = json.loads(r.stdout)
+    return res["prefill_tok_s"], res["decode_tok_s"]
 
 
 def main() -> None:

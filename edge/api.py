@@ -212,6 +212,20 @@ def _generate_bundle(bundle, prompt, max_new_tokens, chat, sampling, on_text) ->
     return result
 
 
+def bench(
+    bundle: str | Path,
+    prompt_len: int = 128,
+    gen_len: int = 64,
+    threads: int | None = None,
+    repeats: int = 3,
+    say: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Load time, time to first token, prefill / decode tok/s and memory of a bundle's artifact here."""
+    from edge.bench import bench as run_bench
+
+    return run_bench(bundle, prompt_len, gen_len, threads, repeats, say)
+
+
 def default_out(variant: str, target: str, backend: str, quant: str) -> Path:
     return Path("exports") / f"{variant}-{target}-{backend}-{quant}"
 

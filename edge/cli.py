@@ -176,6 +176,39 @@ def export(
 
 
 @app.command()
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder written by `edge export`.")],
+    prompt_len: Annotated[int, typer.Option("--prompt-len", help="Prompt tokens (real text, cut).")] = 128,
+    gen_len: Annotated[int, typer.Option("--gen-len", help="Greedy tokens generated per round.")] = 64,
+    threads: Annotated[int | None, typer.Option("--threads", help="Runtime threads (default: all CPUs).")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed rounds after a warm-up; medians.")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time to first token, prefill and decode tokens/s, and memory of a bundle's artifact on this host."""
+    from edge import api
+    from edge.progress import say
+
+    r = api.bench(bundle, prompt_len, gen_len, threads, repeats, say=say)
+    if as_json:
+        _print_json(r)
+        return
+    lat, mem = r["decode_ms_per_token"], r["memory_mb"]
+    typer.echo(f"{r['variant']} {r['scheme']} on {r['backend']} ({r['model_bytes'] / 1e6:.0f} MB): {r['bundle']}")
+    typer.echo(f"  {r['threads']} threads, {r['prompt_len']}-token prompt, {r['gen_len']} tokens, "
+               f"medians of {r['repeats']} rounds")  # fmt: skip
+    typer.echo(f"  load                {r['load_s']:8.2f} s")
+    typer.echo(f"  time to first token {r['time_to_first_token_ms']:8.0f} ms")
+    typer.echo(f"  prefill             {r['prefill_tok_s']:8.1f} tok/s")
+    if r["decode_tok_s"] is not None:
+        typer.echo(f"  decode              {r['decode_tok_s']:8.1f} tok/s "
+                   f"({lat['p50']:.1f} ms/token median, {lat['p90']:.1f} p90)")  # fmt: skip
+    typer.echo(f"  memory              {mem['after_load']:8.0f} MB RSS loaded, {mem['peak']:.0f} MB peak "
+               f"({mem['before_load']:.0f} MB before loading)")  # fmt: skip
+    if not r["rounds_agree"]:
+        typer.echo("  warning: the rounds generated different tokens (a nondeterministic runtime?)", err=True)
+
+
+@app.command()
 def doctor(as_json: JsonOpt = False) -> None:
     """Versions, installed backends, memory and disk."""
     from edge import api

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,6 +113,13 @@ REGISTER = (
     "from edge.models.variants import VARIANTS, Variant; from edge.models.config import *; "
     f"VARIANTS['tiny-test'] = Variant('tiny-test', ('tiny',), GemmaConfig(**{TINY!r}))"
 ).replace("<Family.GEMMA3: 'gemma3'>", "Family.GEMMA3")
+
+
+def edge_cli(*args: str, block_torch: bool = False) -> subprocess.CompletedProcess:
+    """`edge ...` in a fresh interpreter; block_torch makes `import torch` fail, as on a device."""
+    pre = "import sys; sys.modules['torch'] = None; " if block_torch else "import sys; "
+    code = pre + REGISTER + f"; sys.argv = ['edge', *{list(args)!r}]; from edge.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,25 +1,16 @@
 """edge validate on the tiny bundle: every stage, device dumps, injected bugs, tampering, torch-free mode."""
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REGISTER
+from conftest import edge_cli
 from edge.errors import EdgeError
 from edge.validate import golden
 from edge.validate import stages as st
 from edge.validate.metrics import Observed, Reference, between, full_kld, per_position
 from edge.validate.run import validate, verdict
-
-
-def edge_cli(*args: str, block_torch: bool = False) -> subprocess.CompletedProcess:
-    """`edge ...` in a fresh interpreter; block_torch makes `import torch` fail, as on a device."""
-    pre = "import sys; sys.modules['torch'] = None; " if block_torch else "import sys; "
-    code = pre + REGISTER + f"; sys.argv = ['edge', *{list(args)!r}]; from edge.cli import main; main()"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
