@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from test_export_executorch import MAX_SEQ, tiny_model
+from torch import nn
 
 from conftest import REGISTER
 from edge.errors import EdgeError
@@ -147,7 +148,7 @@ def test_onnx_carries_the_schemes_integer_weights_exactly(tmp_path, scheme):
     assert worst < 1e-3, worst
 
 
-@pytest.mark.parametrize("scheme", ["int4-hqq", "int4", pytest.param("int4-g128", marks=pytest.mark.full)])
+@pytest.mark.parametrize("scheme", ["int4-hqq", "int4", "int8", pytest.param("int4-g128", marks=pytest.mark.full)])
 def test_tflite_carries_the_schemes_integer_weights(tmp_path, scheme):
     """FULLY_CONNECTED / EMBEDDING_LOOKUP with our integers, each in its own format (int4 blockwise, int8 per
     channel, mixed in one model for `int4`, with its residual rows): the .tflite vs the eager quantized model."""
@@ -170,16 +171,20 @@ def test_tflite_carries_the_schemes_integer_weights(tmp_path, scheme):
     formats = {(r["bits"], r["group"], r["dynamic_int8_act"]) for r in low.delegation["integer_weights"]}
     if scheme == "int4":  # int4 g32 (GPTQ), int8 per channel, the int8 lookup table: one model
         assert {(4, 32, True), (8, 128, True), (8, 128, False)} <= formats, formats
+    if scheme == "int8":  # int8 linears, int8 g128 as two 4-bit planes, the table in the Q8_0 groups of 32
+        assert {(8, 128, True), (4, 128, True), (8, 32, False)} <= formats, formats
     stored = _stored_weights(low.program)
     assert stored["EMBEDDING_LOOKUP"] <= {"INT4", "INT8"}, stored  # the table as integers, not a float copy
     # Every signature's subgraph refers to the same weights: their quantization tables are written once
     # (litert_quant.shared_tables), not once per signature. (All-blockwise schemes keep their scales in
     # buffers, which were shared already: no per-channel vector to look for.)
     scales = _weight_scales(low.program)
-    assert len(low.io["signatures"]) > 1 and bool(scales) == (scheme == "int4")
+    assert len(low.io["signatures"]) > 1 and bool(scales) == (scheme in ("int4", "int8"))
     assert all(low.program.count(s) == 1 for s in scales), [low.program.count(s) for s in scales]
     residuals = sum(isinstance(m, ActResidual) for m in model.modules())  # each sums its two rows by a float (1, 2)
-    assert stored["FULLY_CONNECTED"].count("FLOAT32") == residuals, stored
+    # and a linear the scheme keeps float stays float (int8's PlaneSum offsets over group means: 2 columns)
+    kept = sum(isinstance(m, nn.Linear) and not hasattr(m.weight, "qdata") for m in model.modules())
+    assert stored["FULLY_CONNECTED"].count("FLOAT32") == residuals + kept, stored
     ids = [int(i) for i in torch.randint(0, model.cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3))]
     want, got = replay(EagerRunner(model), ids), replay(TfliteRunner(path), ids)
     kld = full_kld(want, got)
@@ -188,7 +193,7 @@ def test_tflite_carries_the_schemes_integer_weights(tmp_path, scheme):
     decided = (top2[:, 1] - top2[:, 0]) > 0.05
     assert decided.sum() >= len(ids) // 2
     assert (want.argmax(-1)[decided] == got.argmax(-1)[decided]).mean() >= SCHEMES[scheme].lowering_min_top1
-    if scheme != "int4":  # all 4-bit; int4 keeps most tiny linears at 8 bits
+    if scheme in ("int4-hqq", "int4-g128"):  # all 4-bit; int4 keeps most tiny linears at 8 bits
         fp32 = sum(p.numel() * 4 for p in tiny_model(2, **wide).parameters())
         assert len(low.program) < 0.3 * fp32 + 400_000  # 4.5 bits a weight; the graph itself is ~400 KB here
 

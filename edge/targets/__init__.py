@@ -84,7 +84,7 @@ BACKENDS: dict[str, Backend] = {
             "litert_torch",
             _LITERT,
             True,
-            ("fp32", "fp16", "int4-hqq", "int4-g128", "int4"),
+            ("fp32", "fp16", "int8", "int4-hqq", "int4-g128", "int4"),
             note="prefill_<N> / decode signatures, KV cache in and out; runs with numpy + ai-edge-litert",
             runtime="ai_edge_litert",
             # Each FULLY_CONNECTED / EMBEDDING_LOOKUP gets its own weight's format (litert_quant._per_weight),
