@@ -31,12 +31,13 @@ def test_bench_times_the_same_greedy_run_as_generate(tiny_bundle):
     assert mem["peak"] >= mem["after_load"] > 0 and mem["peak"] >= mem["after_run"]
 
 
-def test_bench_runs_a_tflite_bundle_without_torch(device_bundles):
-    out = edge_cli("bench", device_bundles["litert"]["path"], "--prompt-len", "12", "--gen-len", "6",
+@pytest.mark.parametrize("backend", ["litert", "onnx"])
+def test_bench_runs_a_device_bundle_without_torch(device_bundles, backend):
+    out = edge_cli("bench", device_bundles[backend]["path"], "--prompt-len", "12", "--gen-len", "6",
                    "--repeats", "1", "--threads", "1", "--json", block_torch=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)  # stdout is the JSON object alone; progress went to stderr
-    assert r["backend"] == "litert" and len(r["generated_ids"]) == 6 and r["decode_tok_s"] > 0
+    assert r["backend"] == backend and len(r["generated_ids"]) == 6 and r["decode_tok_s"] > 0
     assert "[bench] round 1/1" in out.stderr
 
 
