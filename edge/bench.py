@@ -15,7 +15,6 @@ figure here is a floor for what the stock runtime reaches.
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import EdgeError
+from edge.progress import peak_rss_mb
 
 # Plain prose, repeated as needed: the prompt's content does not change a dense model's arithmetic, but
 # real tokens keep the timing honest for runtimes that special-case ids (and read like what users send).
@@ -43,10 +43,6 @@ def rss_mb() -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -106,7 +102,7 @@ def bench(
         token = int(np.argmax(runner.prefill(ids)))
         ttft = time.perf_counter() - t0
         steps, out = [], [token]
-        for _ in range(gen_len - 1 if gen_len > 1 else 0):
+        for _ in range(gen_len - 1):
             t1 = time.perf_counter()
             token = int(np.argmax(runner.decode(token)))
             steps.append(time.perf_counter() - t1)
