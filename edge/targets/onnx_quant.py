@@ -14,6 +14,13 @@ those weights is replaced by onnxruntime's contrib op holding the integers and s
 Both need a power-of-two block >= 16: a per-channel scale is repeated over the largest such block
 that divides the row (exactly the same weights). Weights are found by value (a hash of the
 dequantized matrix, or its transpose), not by name: the exporter renames and pre-transposes them.
+
+Dynamic int8 activations (8da: the int4 / int8 schemes) are not onnxruntime's to choose either: its
+int8 paths round differently (DynamicQuantizeLinear: one scale per tensor, not per token; MatMulNBits
+accuracy_level 4: symmetric per block of K) and cannot apply our per-group weight scales after an
+integer GEMM. So each such linear's input is rounded in the graph exactly as torchao rounds it (per
+token, asymmetric int8, in float ops) and MatMulNBits multiplies in fp32 (accuracy_level 0): the .onnx
+computes what the eager quantized model computes, at the cost of int8 arithmetic it does not use.
 """
 
 from __future__ import annotations
@@ -53,44 +60,69 @@ def _pow2_block(cols: int, group: int) -> int:
 
 
 class _Found(dict):
-    """{hash of a float weight: (IntWeight, transposed)}, and every module's IntWeight in `weights`."""
+    """{hash of a float weight: (IntWeight, transposed)}, and every module's IntWeight in `weights`.
+
+    A tied table (Scheme.shared_table) is one content, two modules: `kinds` gives each hash's weight per
+    kind ("linear" / "embedding"), so that a MatMul reports the head and a Gather the lookup."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weights: list[IntWeight] = []
+        self.kinds: dict[str, dict[str, IntWeight]] = {}
+
+    def get_as(self, key: str, kind: str) -> tuple[IntWeight, bool, int]:
+        """(the weight of that kind, or any, with this content; transposed; an id of the content)."""
+        iw, transposed = self[key]
+        return self.kinds[key].get(kind, iw), transposed, id(iw)
+
+
+def _fake_quant_input(mod: nn.Module, args: tuple) -> tuple:
+    """A forward pre-hook: the input as a dynamic int8 linear sees it (torchao's per-token asymmetric int8)."""
+    from edge.quant.smooth import fake_quant_act
+
+    return (fake_quant_act(args[0]), *args[1:])
 
 
 @contextmanager
-def dequantized(model: nn.Module, dynamic_ok: bool = False):
+def dequantized(model: nn.Module, dynamic_ok: bool = False, fake_quant: bool = False):
     """The model with float weights equal to its quantized ones; yields {hash: (IntWeight, transposed)}.
 
     The quantized weights are restored afterwards. A weight with dynamic activation quantization
     computes differently from its dequantized float: refused unless `dynamic_ok` (the caller then
-    re-creates the activation quantization, as LiteRT's dynamic-range ops do)."""
-    found, kept = _Found(), []
-    for name, mod in model.named_modules():
-        w = mod._parameters.get("weight")  # its own: a wrapper's `weight` property (ActResidual) is its inner linear's
-        if w is None or not hasattr(w, "qdata"):
-            continue
-        dynamic = getattr(w, "activation_quantization", None) is not None
-        if dynamic and not dynamic_ok:
-            raise NotImplementedError(f"{name}: dynamic activation quantization has no exact ONNX form here")
-        if torch.count_nonzero(w.zero_point):
-            raise NotImplementedError(f"{name}: asymmetric weights (non-zero zero points)")
-        bits = {torch.int4: 4, torch.int8: 8}[w.target_dtype]
-        group = int(w.block_size[-1])
-        deq = w.dequantize().float()
-        kind = "embedding" if isinstance(mod, nn.Embedding) else "linear"
-        iw = IntWeight(name, w.qdata.numpy().astype(np.int8), w.scale.float().numpy(), group, bits, kind, dynamic)
-        array = deq.numpy()
-        found.weights.append(iw)  # a table shared by two modules (Scheme.shared_table) is one key, two weights
-        found[_key(array)] = (iw, False)
-        found[_key(array.T)] = (iw, True)
-        kept.append((mod, w))
-        mod.weight = nn.Parameter(deq, requires_grad=False)
-    try:
+    re-creates the activation quantization, as LiteRT's dynamic-range ops do) or `fake_quant`: its
+    module's input is then quantized and dequantized in float ops in front of the float weight
+    (edge/quant/smooth.py fake_quant_act, torchao's rounding bit for bit), so the exported graph
+    computes what the eager 8da linear computes, whatever op later takes the weight."""
+    found, kept, hooks = _Found(), [], []
+    try:  # restores what was changed when a weight is refused midway too
+        for name, mod in model.named_modules():
+            # its own: a wrapper's `weight` property (ActResidual) is its inner linear's
+            w = mod._parameters.get("weight")
+            if w is None or not hasattr(w, "qdata"):
+                continue
+            dynamic = getattr(w, "activation_quantization", None) is not None
+            if dynamic and not (dynamic_ok or fake_quant):
+                raise NotImplementedError(f"{name}: dynamic activation quantization has no exact ONNX form here")
+            if dynamic and fake_quant:
+                hooks.append(mod.register_forward_pre_hook(_fake_quant_input))
+            if torch.count_nonzero(w.zero_point):
+                raise NotImplementedError(f"{name}: asymmetric weights (non-zero zero points)")
+            bits = {torch.int4: 4, torch.int8: 8}[w.target_dtype]
+            group = int(w.block_size[-1])
+            deq = w.dequantize().float()
+            kind = "embedding" if isinstance(mod, nn.Embedding) else "linear"
+            iw = IntWeight(name, w.qdata.numpy().astype(np.int8), w.scale.float().numpy(), group, bits, kind, dynamic)
+            array = deq.numpy()
+            found.weights.append(iw)  # a table shared by two modules (Scheme.shared_table) is one key, two weights
+            for key, transposed in ((_key(array), False), (_key(array.T), True)):
+                found[key] = (iw, transposed)  # the last weight of a content: one object per content
+                found.kinds.setdefault(key, {})[kind] = iw
+            kept.append((mod, w))
+            mod.weight = nn.Parameter(deq, requires_grad=False)
         yield found
     finally:
+        for h in hooks:
+            h.remove()
         for mod, w in kept:
             mod.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
 
@@ -105,81 +137,135 @@ def _packed(iw: IntWeight, block: int) -> tuple[np.ndarray, np.ndarray]:
     return u, np.ascontiguousarray(scales.reshape(rows, cols // block), dtype=np.float32)
 
 
+def _block(iw: IntWeight) -> int | None:
+    """MatMulNBits' / GatherBlockQuantized's block for `iw`, or None when it has none (the op stays float)."""
+    try:
+        return _pow2_block(iw.q.shape[1], iw.group)
+    except NotImplementedError:
+        return None
+
+
 def rewrite(model_proto, found: dict) -> list[dict]:
-    """Replace the float uses of the scheme's weights in place; return one coverage row per weight."""
+    """Replace the float uses of the scheme's weights in place; return one coverage row per weight.
+
+    Each weight's integers are stored once, in MatMulNBits' layout [N, K / block, block * bits / 8] when a
+    MatMul reads them: a tied table (Scheme.shared_table: head and lookup, the 270M's 168 MB of int8) is
+    then looked up from those very bytes by plain ops (Gather, unpack, Cast, Sub, Mul by the gathered
+    scales), since GatherBlockQuantized wants them 2-D and its scales in another shape. A table that no
+    MatMul reads goes to GatherBlockQuantized. A weight whose group has no power-of-two block >= 16 stays
+    float (its coverage row says so): its activations are still quantized as eager does (dequantized)."""
     from onnx import helper, numpy_helper
 
     g = model_proto.graph
-    inits = {i.name: i for i in g.initializer}
     keys = {}
-    for name, init in inits.items():
+    for init in g.initializer:
         if len(init.dims) == 2 and init.data_type == 1:  # 2-D float32
             k = _key(numpy_helper.to_array(init))
             if k in found:
-                keys[name] = k
-    new_nodes, used, rows = [], set(), {}
-    for node in g.node:
-        rep = None
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[1] in keys:
-            iw, transposed = found[keys[node.input[1]]]
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            # MatMul reads B = W^T (K, N); Gemm with transB=1 reads B = W (N, K).
-            ok = transposed if node.op_type == "MatMul" else (attrs.get("transB", 0) == 1 and not transposed)
-            plain = node.op_type == "MatMul" or (
-                len(node.input) == 2 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("transA", 0) == 0
+                keys[init.name] = k
+    rows: dict[str, dict] = {}
+
+    def row(iw: IntWeight, block: int | None, op: str) -> None:
+        rows.setdefault(iw.name, {"name": iw.name, "bits": iw.bits, "block": block, "onnx": []})["onnx"].append(op)
+
+    def attrs(node) -> dict:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def matmul_weight(node) -> IntWeight | None:
+        """The weight a MatMul / Gemm multiplies by, when MatMulNBits can take its place (y = x W^T)."""
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in keys:
+            return None
+        iw, transposed, _ = found.get_as(keys[node.input[1]], "linear")
+        a = attrs(node)
+        # MatMul reads B = W^T (K, N); Gemm with transB=1 reads B = W (N, K).
+        ok = transposed if node.op_type == "MatMul" else (a.get("transB", 0) == 1 and not transposed)
+        plain = node.op_type == "MatMul" or (
+            len(node.input) == 2 and a.get("alpha", 1.0) == 1.0 and a.get("transA", 0) == 0
+        )
+        return iw if ok and plain else None
+
+    def gather_weight(node) -> IntWeight | None:
+        if node.op_type != "Gather" or node.input[0] not in keys:
+            return None
+        iw, transposed, _ = found.get_as(keys[node.input[0]], "embedding")
+        return iw if not transposed and attrs(node).get("axis", 0) == 0 else None
+
+    # One stored copy per weight content (a tied table's head and lookup are two IntWeights, one content).
+    packed: dict[int, tuple[str, str, int]] = {}
+
+    def content(node) -> int:
+        return found.get_as(keys[node.input[0 if node.op_type == "Gather" else 1]], "linear")[2]
+
+    def stored(iw: IntWeight, block: int, cid: int) -> tuple[str, str, int]:
+        if cid not in packed:
+            n, k = iw.q.shape
+            b, s = _packed(iw, block)
+            base = f"{iw.name}.q{iw.bits}"
+            g.initializer.extend(
+                [
+                    numpy_helper.from_array(b.reshape(n, k // block, block * iw.bits // 8), base),
+                    numpy_helper.from_array(s, base + ".scales"),
+                ]
             )
-            if ok and plain:
+            packed[cid] = (base, base + ".scales", block)
+        return packed[cid]
+
+    read_by_matmul = {content(node) for node in g.node if (iw := matmul_weight(node)) is not None and _block(iw)}
+    new_nodes, used = [], set()
+    for node in g.node:
+        rep: list = []
+        if (iw := matmul_weight(node)) is not None:
+            block = _block(iw)
+            if block is None:
+                row(iw, None, f"MatMul (float: group {iw.group} has no power-of-two block >= 16)")
+            else:
                 n, k = iw.q.shape
-                block = _pow2_block(k, iw.group)
-                b, s = _packed(iw, block)
-                base = f"{iw.name}.q{iw.bits}.matmul"
-                g.initializer.extend(
-                    [
-                        numpy_helper.from_array(b.reshape(n, k // block, block * iw.bits // 8), base),
-                        numpy_helper.from_array(s, base + ".scales"),
-                    ]
-                )
-                rep = helper.make_node(
-                    "MatMulNBits",
-                    [node.input[0], base, base + ".scales"],
-                    list(node.output),
-                    name=f"{iw.name}.MatMulNBits",
-                    domain=MS,
-                    K=k,
-                    N=n,
-                    bits=iw.bits,
-                    block_size=block,
-                    accuracy_level=0,
-                )
-                rows.setdefault(iw.name, {"name": iw.name, "bits": iw.bits, "block": block, "onnx": []})
-                rows[iw.name]["onnx"].append("MatMulNBits")
-        elif node.op_type == "Gather" and node.input[0] in keys:
-            iw, transposed = found[keys[node.input[0]]]
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if not transposed and attrs.get("axis", 0) == 0:
+                b, s, _ = stored(iw, block, content(node))
+                rep = [
+                    helper.make_node(
+                        "MatMulNBits",
+                        [node.input[0], b, s],
+                        list(node.output),
+                        name=f"{iw.name}.MatMulNBits",
+                        domain=MS,
+                        K=k,
+                        N=n,
+                        bits=iw.bits,
+                        block_size=block,
+                        accuracy_level=0,  # fp32 compute: the activations arrive already rounded as eager rounds them
+                    )
+                ]
+                row(iw, block, "MatMulNBits")
+                used.add(node.input[1])
+        elif (iw := gather_weight(node)) is not None:
+            block = _block(iw)
+            if block is None:
+                row(iw, None, f"Gather (float: group {iw.group} has no power-of-two block >= 16)")
+            elif content(node) in read_by_matmul:
+                rep = _lookup_from_packed(helper, numpy_helper, g, iw, stored(iw, block, content(node)), node)
+                row(iw, block, "Gather of MatMulNBits' integers")
+                used.add(node.input[0])
+            else:
                 v, d = iw.q.shape
-                block = _pow2_block(d, iw.group)
                 u, s = _packed(iw, block)
                 base = f"{iw.name}.q{iw.bits}.gather"
                 g.initializer.extend([numpy_helper.from_array(u, base), numpy_helper.from_array(s, base + ".scales")])
-                rep = helper.make_node(
-                    "GatherBlockQuantized",
-                    [base, node.input[1], base + ".scales"],
-                    list(node.output),
-                    name=f"{iw.name}.GatherBlockQuantized",
-                    domain=MS,
-                    bits=iw.bits,
-                    block_size=block,
-                    gather_axis=0,
-                    quantize_axis=1,
-                )
-                rows.setdefault(iw.name, {"name": iw.name, "bits": iw.bits, "block": block, "onnx": []})
-                rows[iw.name]["onnx"].append("GatherBlockQuantized")
-        if rep is not None:
-            used.add(node.input[1] if node.op_type != "Gather" else node.input[0])
-            new_nodes.append(rep)
-        else:
-            new_nodes.append(node)
+                rep = [
+                    helper.make_node(
+                        "GatherBlockQuantized",
+                        [base, node.input[1], base + ".scales"],
+                        list(node.output),
+                        name=f"{iw.name}.GatherBlockQuantized",
+                        domain=MS,
+                        bits=iw.bits,
+                        block_size=block,
+                        gather_axis=0,
+                        quantize_axis=1,
+                    )
+                ]
+                row(iw, block, "GatherBlockQuantized")
+                used.add(node.input[0])
+        new_nodes.extend(rep or [node])
     del g.node[:]
     g.node.extend(new_nodes)
     still_read = {i for node in g.node for i in node.input}
@@ -188,6 +274,46 @@ def rewrite(model_proto, found: dict) -> list[dict]:
     g.initializer.extend(keep)
     if not any(op.domain == MS for op in model_proto.opset_import):
         model_proto.opset_import.append(helper.make_opsetid(MS, 1))
-    missing = sorted({iw.name for iw, _ in found.values()} - set(rows))
-    # A tied table read by both ops is stored twice (Gather's and MatMulNBits' layouts differ in shape).
+    missing = sorted({iw.name for iw in found.weights} - set(rows))
     return list(rows.values()) + [{"name": n, "onnx": ["float: not a plain MatMul / Gather"]} for n in missing]
+
+
+def _lookup_from_packed(helper, numpy_helper, g, iw: IntWeight, store: tuple[str, str, int], node) -> list:
+    """Nodes computing Gather(table, ids) from MatMulNBits' packed integers and scales: rows of
+    [K / block, block * bits / 8] uint8, unpacked (4 bits: low nibble first), centred, scaled per block."""
+    b, s, block = store
+    ids, out = node.input[1], node.output[0]
+    p = f"{node.name or out}.lookup"
+    k = iw.q.shape[1]
+    consts = {
+        p + ".centre": np.array(1 << (iw.bits - 1), np.float32),
+        p + ".last": np.array([-1], np.int64),
+        p + ".row": np.array([0, 0, k], np.int64),  # ids are [1, T]: Reshape's 0 keeps both axes
+    }
+    g.initializer.extend(numpy_helper.from_array(v, n) for n, v in consts.items())
+    nodes = [helper.make_node("Gather", [b, ids], [p + ".u8"], axis=0)]
+    u = p + ".u8"
+    if iw.bits == 4:
+        consts4 = {
+            p + ".mask": np.array(15, np.uint8),
+            p + ".four": np.array(4, np.uint8),
+            p + ".blocks": np.array([0, 0, k // block, block], np.int64),
+        }
+        g.initializer.extend(numpy_helper.from_array(v, n) for n, v in consts4.items())
+        nodes += [
+            helper.make_node("BitwiseAnd", [u, p + ".mask"], [p + ".lo"]),
+            helper.make_node("BitShift", [u, p + ".four"], [p + ".hi"], direction="RIGHT"),
+            helper.make_node("Unsqueeze", [p + ".lo", p + ".last"], [p + ".lo1"]),
+            helper.make_node("Unsqueeze", [p + ".hi", p + ".last"], [p + ".hi1"]),
+            helper.make_node("Concat", [p + ".lo1", p + ".hi1"], [p + ".pairs"], axis=-1),
+            helper.make_node("Reshape", [p + ".pairs", p + ".blocks"], [p + ".u4"]),
+        ]
+        u = p + ".u4"
+    return nodes + [
+        helper.make_node("Cast", [u], [p + ".f"], to=1),
+        helper.make_node("Sub", [p + ".f", p + ".centre"], [p + ".q"]),
+        helper.make_node("Gather", [s, ids], [p + ".s"], axis=0),
+        helper.make_node("Unsqueeze", [p + ".s", p + ".last"], [p + ".s1"]),
+        helper.make_node("Mul", [p + ".q", p + ".s1"], [p + ".deq"]),
+        helper.make_node("Reshape", [p + ".deq", p + ".row"], [out]),
+    ]
