@@ -175,20 +175,25 @@ def test_onnx_carries_the_dynamic_schemes(tmp_path, scheme):
     if SCHEMES[scheme].shared_table:  # the int8 table of head and lookup: MatMulNBits' bytes, read by both
         assert "Gather of MatMulNBits' integers" in ops and "GatherBlockQuantized" not in ops
     graph = onnx_pkg.load(str(path)).graph
-    integers = [i.raw_data for i in graph.initializer if i.data_type == onnx_pkg.TensorProto.UINT8]
+    # int8 weights as two 4-bit planes (onnx_quant._planes): onnxruntime has no fast 8-bit fp32 kernel
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert {onnx_pkg.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits"} == {4}
+    assert any(r["bits"] == 8 for r in coverage) == (scheme != "int4-hqq")
+    integers = [i.raw_data for i in graph.initializer if i.data_type == onnx_pkg.TensorProto.UINT8 and len(i.dims) > 1]
     assert len(set(integers)) == len(integers)  # no weight stored twice
     floats = [i for i in graph.initializer if i.data_type == onnx_pkg.TensorProto.FLOAT and len(i.dims) == 2]
     float_shapes = {tuple(sorted(i.dims)) for i in floats if not i.name.endswith(".scales")}
     weights = {n: m._parameters["weight"] for n, m in model.named_modules() if n in quantized}
     assert not float_shapes & {tuple(sorted(w.shape)) for w in weights.values()}  # no float copy left behind
-    runner, eager = OnnxRunner(path), EagerRunner(model)
-    a, b = runner.prefill(list(range(5, 30))), eager.prefill(list(range(5, 30)))
-    worst = np.abs(a - b).max()
-    for _ in range(20):
-        tok = int(b.argmax())
-        a, b = runner.decode(tok), eager.decode(tok)
-        worst = max(worst, np.abs(a - b).max())
-    assert worst < 1e-3, worst
+    # Dynamic int8 activations: a float-order difference can tip one value over a rounding step (measured:
+    # max |dlogit| up to 8e-4 for int4 / int8, 4e-6 for int4-hqq; missing the rounding: 0.13).
+    from edge.runtime import replay
+    from edge.validate.metrics import full_kld
+
+    ids = [int(i) for i in torch.randint(0, model.cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3))]
+    want, got = replay(EagerRunner(model), ids), replay(OnnxRunner(path), ids)
+    assert np.abs(want - got).max() < 5e-3, np.abs(want - got).max()
+    assert full_kld(want, got).mean() < SCHEMES[scheme].lowering_max_kld
 
 
 @pytest.mark.parametrize("scheme", ["int4-hqq", "int4", "int8", pytest.param("int4-g128", marks=pytest.mark.full)])

@@ -56,7 +56,9 @@ def _pow2_block(cols: int, group: int) -> int:
     b = group & -group  # largest power of two dividing group
     if b < 16:
         raise NotImplementedError(f"group {group} has no power-of-two block >= 16 (MatMulNBits needs one)")
-    return min(b, 1 << 12)
+    # MLAS's fast MatMulNBits kernels take blocks of 16 to 256 (MlasIsQNBitGemmAvailable); a wider per-channel
+    # group repeats its scale over blocks of 256 (1.5% more bytes on a 2048-wide row).
+    return min(b, 256)
 
 
 class _Found(dict):
@@ -127,14 +129,39 @@ def dequantized(model: nn.Module, dynamic_ok: bool = False, fake_quant: bool = F
             mod.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
 
 
+def _nibbles(u: np.ndarray) -> np.ndarray:
+    """uint8 values 0..15, two per byte along the last axis, low nibble first."""
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
 def _packed(iw: IntWeight, block: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 rows x cols*bits/8 packed low bits first, float32 scales rows x cols/block)."""
     rows, cols = iw.q.shape
     u = (iw.q.astype(np.int16) + (1 << (iw.bits - 1))).astype(np.uint8)
     if iw.bits == 4:
-        u = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+        u = _nibbles(u)
+    return u, _block_scales(iw, block)
+
+
+def _block_scales(iw: IntWeight, block: int) -> np.ndarray:
+    rows, cols = iw.q.shape
     scales = np.repeat(iw.scale, iw.group // block, axis=1) if iw.group > block else iw.scale
-    return u, np.ascontiguousarray(scales.reshape(rows, cols // block), dtype=np.float32)
+    return np.ascontiguousarray(scales.reshape(rows, cols // block), dtype=np.float32)
+
+
+def _planes(iw: IntWeight) -> list[np.ndarray]:
+    """The 4-bit planes MatMulNBits multiplies by, each (rows, cols) of values 0..15, unpacked.
+
+    int4: one, q + 8 (MatMulNBits' default zero point 8). int8: two, the high and low nibbles H, L of
+    u = q + 128, as s q = 16 s (H - 8) + s (L - 0): the high plane on 16 x with the default zero point,
+    the low one on x with zero points 0, both with the scales s. onnxruntime 1.32 multiplies 8-bit
+    MatMulNBits in fp32 (accuracy_level 0) by dequantizing the whole weight at every call (no MLAS
+    kernel for 8 bits there): the 270M's int8 head took 415 ms a token; 4-bit planes run MLAS's kernels.
+    """
+    u = iw.q.astype(np.int16) + (1 << (iw.bits - 1))
+    if iw.bits == 4:
+        return [u.astype(np.uint8)]
+    return [(u >> 4).astype(np.uint8), (u & 15).astype(np.uint8)]
 
 
 def _block(iw: IntWeight) -> int | None:
@@ -191,23 +218,31 @@ def rewrite(model_proto, found: dict) -> list[dict]:
         return iw if not transposed and attrs(node).get("axis", 0) == 0 else None
 
     # One stored copy per weight content (a tied table's head and lookup are two IntWeights, one content).
-    packed: dict[int, tuple[str, str, int]] = {}
+    packed: dict[int, _Stored] = {}
+    zeros: dict[tuple, str] = {}  # one all-zero zero-point tensor per shape
 
     def content(node) -> int:
         return found.get_as(keys[node.input[0 if node.op_type == "Gather" else 1]], "linear")[2]
 
-    def stored(iw: IntWeight, block: int, cid: int) -> tuple[str, str, int]:
+    def stored(iw: IntWeight, block: int, cid: int) -> _Stored:
         if cid not in packed:
             n, k = iw.q.shape
-            b, s = _packed(iw, block)
             base = f"{iw.name}.q{iw.bits}"
+            planes = _planes(iw)
+            names = [base] if len(planes) == 1 else [base + ".hi", base + ".lo"]
             g.initializer.extend(
-                [
-                    numpy_helper.from_array(b.reshape(n, k // block, block * iw.bits // 8), base),
-                    numpy_helper.from_array(s, base + ".scales"),
-                ]
+                numpy_helper.from_array(_nibbles(p).reshape(n, k // block, block // 2), name)
+                for p, name in zip(planes, names, strict=True)
             )
-            packed[cid] = (base, base + ".scales", block)
+            g.initializer.append(numpy_helper.from_array(_block_scales(iw, block), base + ".scales"))
+            zp = None
+            if len(planes) == 2:
+                shape = (n, -(-(k // block) // 2))  # 4-bit zero points, two per byte
+                if shape not in zeros:
+                    zeros[shape] = f"zero_points.{shape[0]}x{shape[1]}"
+                    g.initializer.append(numpy_helper.from_array(np.zeros(shape, np.uint8), zeros[shape]))
+                zp = zeros[shape]
+            packed[cid] = _Stored(names, base + ".scales", zp, block, iw.bits)
         return packed[cid]
 
     read_by_matmul = {content(node) for node in g.node if (iw := matmul_weight(node)) is not None and _block(iw)}
@@ -219,22 +254,7 @@ def rewrite(model_proto, found: dict) -> list[dict]:
             if block is None:
                 row(iw, None, f"MatMul (float: group {iw.group} has no power-of-two block >= 16)")
             else:
-                n, k = iw.q.shape
-                b, s, _ = stored(iw, block, content(node))
-                rep = [
-                    helper.make_node(
-                        "MatMulNBits",
-                        [node.input[0], b, s],
-                        list(node.output),
-                        name=f"{iw.name}.MatMulNBits",
-                        domain=MS,
-                        K=k,
-                        N=n,
-                        bits=iw.bits,
-                        block_size=block,
-                        accuracy_level=0,  # fp32 compute: the activations arrive already rounded as eager rounds them
-                    )
-                ]
+                rep = _matmul_planes(helper, numpy_helper, g, iw, stored(iw, block, content(node)), node)
                 row(iw, block, "MatMulNBits")
                 used.add(node.input[1])
         elif (iw := gather_weight(node)) is not None:
@@ -278,41 +298,88 @@ def rewrite(model_proto, found: dict) -> list[dict]:
     return list(rows.values()) + [{"name": n, "onnx": ["float: not a plain MatMul / Gather"]} for n in missing]
 
 
-def _lookup_from_packed(helper, numpy_helper, g, iw: IntWeight, store: tuple[str, str, int], node) -> list:
-    """Nodes computing Gather(table, ids) from MatMulNBits' packed integers and scales: rows of
-    [K / block, block * bits / 8] uint8, unpacked (4 bits: low nibble first), centred, scaled per block."""
-    b, s, block = store
+@dataclass
+class _Stored:
+    """A weight's initializers: 4-bit planes [N, K / block, block / 2] (int4: one; int8: high and low
+    nibbles, _planes), the block scales [N, K / block], and the low plane's zero points (0)."""
+
+    planes: list[str]
+    scales: str
+    zero_points: str | None
+    block: int
+    bits: int
+
+
+def _matmul_planes(helper, numpy_helper, g, iw: IntWeight, st: _Stored, node) -> list:
+    """x W^T as MatMulNBits over the 4-bit planes: one for int4; for int8 hi(16 x) + lo(x) (_planes)."""
+    n, k = iw.q.shape
+    x, out, p = node.input[0], node.output[0], f"{iw.name}.MatMulNBits"
+
+    def mm(inp: str, plane: str, zp: str | None, y: str, name: str):
+        return helper.make_node(
+            "MatMulNBits",
+            [inp, plane, st.scales] + ([zp] if zp else []),
+            [y],
+            name=name,
+            domain=MS,
+            K=k,
+            N=n,
+            bits=4,
+            block_size=st.block,
+            accuracy_level=0,  # fp32 compute: the activations arrive already rounded as eager rounds them
+        )
+
+    if len(st.planes) == 1:
+        return [mm(x, st.planes[0], None, out, p)]
+    g.initializer.append(numpy_helper.from_array(np.array(16, np.float32), p + ".sixteen"))
+    return [
+        helper.make_node("Mul", [x, p + ".sixteen"], [p + ".x16"]),  # exact: a power of two
+        mm(p + ".x16", st.planes[0], None, p + ".hi", p + ".hi"),
+        mm(x, st.planes[1], st.zero_points, p + ".lo", p + ".lo"),
+        helper.make_node("Add", [p + ".hi", p + ".lo"], [out]),
+    ]
+
+
+def _lookup_from_packed(helper, numpy_helper, g, iw: IntWeight, st: _Stored, node) -> list:
+    """Nodes computing Gather(table, ids) from the MatMulNBits planes and scales: each plane's rows
+    gathered and unpacked (low nibble first), int4 q = U - 8, int8 q = 16 H + L - 128, times the
+    gathered block scales."""
     ids, out = node.input[1], node.output[0]
     p = f"{node.name or out}.lookup"
     k = iw.q.shape[1]
     consts = {
-        p + ".centre": np.array(1 << (iw.bits - 1), np.float32),
+        p + ".mask": np.array(15, np.uint8),
+        p + ".four": np.array(4, np.uint8),
         p + ".last": np.array([-1], np.int64),
-        p + ".row": np.array([0, 0, k], np.int64),  # ids are [1, T]: Reshape's 0 keeps both axes
+        p + ".blocks": np.array([0, 0, k // st.block, st.block], np.int64),  # ids are [1, T]: 0 keeps both axes
+        p + ".row": np.array([0, 0, k], np.int64),
+        p + ".sixteen": np.array(16, np.float32),
+        p + ".centre": np.array(1 << (iw.bits - 1), np.float32),
     }
     g.initializer.extend(numpy_helper.from_array(v, n) for n, v in consts.items())
-    nodes = [helper.make_node("Gather", [b, ids], [p + ".u8"], axis=0)]
-    u = p + ".u8"
-    if iw.bits == 4:
-        consts4 = {
-            p + ".mask": np.array(15, np.uint8),
-            p + ".four": np.array(4, np.uint8),
-            p + ".blocks": np.array([0, 0, k // block, block], np.int64),
-        }
-        g.initializer.extend(numpy_helper.from_array(v, n) for n, v in consts4.items())
+    nodes, values = [], []
+    for i, plane in enumerate(st.planes):
+        q = f"{p}.{i}"
         nodes += [
-            helper.make_node("BitwiseAnd", [u, p + ".mask"], [p + ".lo"]),
-            helper.make_node("BitShift", [u, p + ".four"], [p + ".hi"], direction="RIGHT"),
-            helper.make_node("Unsqueeze", [p + ".lo", p + ".last"], [p + ".lo1"]),
-            helper.make_node("Unsqueeze", [p + ".hi", p + ".last"], [p + ".hi1"]),
-            helper.make_node("Concat", [p + ".lo1", p + ".hi1"], [p + ".pairs"], axis=-1),
-            helper.make_node("Reshape", [p + ".pairs", p + ".blocks"], [p + ".u4"]),
+            helper.make_node("Gather", [plane, ids], [q + ".u8"], axis=0),
+            helper.make_node("BitwiseAnd", [q + ".u8", p + ".mask"], [q + ".lo"]),
+            helper.make_node("BitShift", [q + ".u8", p + ".four"], [q + ".hi"], direction="RIGHT"),
+            helper.make_node("Unsqueeze", [q + ".lo", p + ".last"], [q + ".lo1"]),
+            helper.make_node("Unsqueeze", [q + ".hi", p + ".last"], [q + ".hi1"]),
+            helper.make_node("Concat", [q + ".lo1", q + ".hi1"], [q + ".pairs"], axis=-1),
+            helper.make_node("Reshape", [q + ".pairs", p + ".blocks"], [q + ".u4"]),
+            helper.make_node("Cast", [q + ".u4"], [q + ".f"], to=1),
         ]
-        u = p + ".u4"
+        values.append(q + ".f")
+    if len(values) == 2:  # 16 H + L
+        nodes += [
+            helper.make_node("Mul", [values[0], p + ".sixteen"], [p + ".h16"]),
+            helper.make_node("Add", [p + ".h16", values[1]], [p + ".u"]),
+        ]
+        values = [p + ".u"]
     return nodes + [
-        helper.make_node("Cast", [u], [p + ".f"], to=1),
-        helper.make_node("Sub", [p + ".f", p + ".centre"], [p + ".q"]),
-        helper.make_node("Gather", [s, ids], [p + ".s"], axis=0),
+        helper.make_node("Sub", [values[0], p + ".centre"], [p + ".q"]),
+        helper.make_node("Gather", [st.scales, ids], [p + ".s"], axis=0),
         helper.make_node("Unsqueeze", [p + ".s", p + ".last"], [p + ".s1"]),
         helper.make_node("Mul", [p + ".q", p + ".s1"], [p + ".deq"]),
         helper.make_node("Reshape", [p + ".deq", p + ".row"], [out]),
