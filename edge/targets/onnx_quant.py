@@ -193,7 +193,10 @@ def rewrite(model_proto, found: dict) -> list[dict]:
     rows: dict[str, dict] = {}
 
     def row(iw: IntWeight, block: int | None, op: str) -> None:
-        rows.setdefault(iw.name, {"name": iw.name, "bits": iw.bits, "block": block, "onnx": []})["onnx"].append(op)
+        # "planes": how many 4-bit MatMulNBits weights hold it (int8: two, _planes; 0: float)
+        planes = (1 if iw.bits == 4 else 2) if block else 0
+        new = {"name": iw.name, "bits": iw.bits, "block": block, "planes": planes, "onnx": []}
+        rows.setdefault(iw.name, new)["onnx"].append(op)
 
     def attrs(node) -> dict:
         return {a.name: helper.get_attribute_value(a) for a in node.attribute}
