@@ -7,10 +7,11 @@ dequantized into plain float weights for the export, so the exported float graph
 exactly what the eager model computes; then every MatMul / Gemm / Gather that reads one of
 those weights is replaced by onnxruntime's contrib op holding the integers and scales:
 
-- `com.microsoft.MatMulNBits`: B as uint8 [N, K / block, block * bits / 8], values q + 2^(bits-1)
-  packed low bits first along K, scales [N, K / block], no zero points (default 2^(bits-1));
-- `com.microsoft.GatherBlockQuantized`: the table as uint8 [V, D * bits / 8] packed the same way
-  along D, scales [V, D / block].
+- `com.microsoft.MatMulNBits`, 4-bit: B as uint8 [N, K / block, block / 2], values q + 8 packed low
+  nibble first along K, scales [N, K / block], no zero points (default 8); an int8 weight as two such
+  planes, its high and low nibbles (_planes);
+- `com.microsoft.GatherBlockQuantized`: a table no MatMul reads, as uint8 [V, D * bits / 8] packed the
+  same way along D, scales [V, D / block].
 Both need a power-of-two block >= 16: a per-channel scale is repeated over the largest such block
 that divides the row (exactly the same weights). Weights are found by value (a hash of the
 dequantized matrix, or its transpose), not by name: the exporter renames and pre-transposes them.
@@ -49,16 +50,6 @@ class IntWeight:
 
 def _key(a: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(a, dtype=np.float32).tobytes(), digest_size=16).hexdigest()
-
-
-def _pow2_block(cols: int, group: int) -> int:
-    """A power-of-two block >= 16 that divides `group` (a per-channel group is the whole row)."""
-    b = group & -group  # largest power of two dividing group
-    if b < 16:
-        raise NotImplementedError(f"group {group} has no power-of-two block >= 16 (MatMulNBits needs one)")
-    # MLAS's fast MatMulNBits kernels take blocks of 16 to 256 (MlasIsQNBitGemmAvailable); a wider per-channel
-    # group repeats its scale over blocks of 256 (1.5% more bytes on a 2048-wide row).
-    return min(b, 256)
 
 
 class _Found(dict):
@@ -134,13 +125,15 @@ def _nibbles(u: np.ndarray) -> np.ndarray:
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _unsigned(iw: IntWeight) -> np.ndarray:
+    """q + 2^(bits-1): the values in 0 .. 2^bits - 1, as onnxruntime's default zero point reads them."""
+    return (iw.q.astype(np.int16) + (1 << (iw.bits - 1))).astype(np.uint8)
+
+
 def _packed(iw: IntWeight, block: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 rows x cols*bits/8 packed low bits first, float32 scales rows x cols/block)."""
-    rows, cols = iw.q.shape
-    u = (iw.q.astype(np.int16) + (1 << (iw.bits - 1))).astype(np.uint8)
-    if iw.bits == 4:
-        u = _nibbles(u)
-    return u, _block_scales(iw, block)
+    u = _unsigned(iw)
+    return (_nibbles(u) if iw.bits == 4 else u), _block_scales(iw, block)
 
 
 def _block_scales(iw: IntWeight, block: int) -> np.ndarray:
@@ -158,27 +151,26 @@ def _planes(iw: IntWeight) -> list[np.ndarray]:
     MatMulNBits in fp32 (accuracy_level 0) by dequantizing the whole weight at every call (no MLAS
     kernel for 8 bits there): the 270M's int8 head took 415 ms a token; 4-bit planes run MLAS's kernels.
     """
-    u = iw.q.astype(np.int16) + (1 << (iw.bits - 1))
-    if iw.bits == 4:
-        return [u.astype(np.uint8)]
-    return [(u >> 4).astype(np.uint8), (u & 15).astype(np.uint8)]
+    u = _unsigned(iw)
+    return [u] if iw.bits == 4 else [u >> 4, u & 15]
 
 
 def _block(iw: IntWeight) -> int | None:
-    """MatMulNBits' / GatherBlockQuantized's block for `iw`, or None when it has none (the op stays float)."""
-    try:
-        return _pow2_block(iw.q.shape[1], iw.group)
-    except NotImplementedError:
-        return None
+    """MatMulNBits' / GatherBlockQuantized's block for `iw`: a power of two >= 16 dividing its group (a
+    per-channel group is the whole row), or None when there is none (the op stays float)."""
+    b = iw.group & -iw.group  # largest power of two dividing the group
+    # MLAS's fast MatMulNBits kernels take blocks of 16 to 256 (MlasIsQNBitGemmAvailable); a wider per-channel
+    # group repeats its scale over blocks of 256 (1.5% more bytes on a 2048-wide row).
+    return min(b, 256) if b >= 16 else None
 
 
 def rewrite(model_proto, found: dict) -> list[dict]:
     """Replace the float uses of the scheme's weights in place; return one coverage row per weight.
 
-    Each weight's integers are stored once, in MatMulNBits' layout [N, K / block, block * bits / 8] when a
-    MatMul reads them: a tied table (Scheme.shared_table: head and lookup, the 270M's 168 MB of int8) is
-    then looked up from those very bytes by plain ops (Gather, unpack, Cast, Sub, Mul by the gathered
-    scales), since GatherBlockQuantized wants them 2-D and its scales in another shape. A table that no
+    Each weight's integers are stored once, as MatMulNBits' 4-bit planes (_Stored) when a MatMul reads
+    them: a tied table (Scheme.shared_table: head and lookup, the 270M's 168 MB of int8) is then looked
+    up from those very bytes by plain ops (Gather, unpack, Cast, Sub, Mul by the gathered scales), since
+    GatherBlockQuantized wants them 2-D, in one piece, and its scales in another shape. A table that no
     MatMul reads goes to GatherBlockQuantized. A weight whose group has no power-of-two block >= 16 stays
     float (its coverage row says so): its activations are still quantized as eager does (dequantized)."""
     from onnx import helper, numpy_helper
@@ -245,7 +237,7 @@ def rewrite(model_proto, found: dict) -> list[dict]:
                     zeros[shape] = f"zero_points.{shape[0]}x{shape[1]}"
                     g.initializer.append(numpy_helper.from_array(np.zeros(shape, np.uint8), zeros[shape]))
                 zp = zeros[shape]
-            packed[cid] = _Stored(names, base + ".scales", zp, block, iw.bits)
+            packed[cid] = _Stored(names, base + ".scales", zp, block)
         return packed[cid]
 
     read_by_matmul = {content(node) for node in g.node if (iw := matmul_weight(node)) is not None and _block(iw)}
@@ -269,7 +261,6 @@ def rewrite(model_proto, found: dict) -> list[dict]:
                 row(iw, block, "Gather of MatMulNBits' integers")
                 used.add(node.input[0])
             else:
-                v, d = iw.q.shape
                 u, s = _packed(iw, block)
                 base = f"{iw.name}.q{iw.bits}.gather"
                 g.initializer.extend([numpy_helper.from_array(u, base), numpy_helper.from_array(s, base + ".scales")])
@@ -310,7 +301,6 @@ class _Stored:
     scales: str
     zero_points: str | None
     block: int
-    bits: int
 
 
 def _matmul_planes(helper, numpy_helper, g, iw: IntWeight, st: _Stored, node) -> list:
@@ -356,9 +346,8 @@ def _lookup_from_packed(helper, numpy_helper, g, iw: IntWeight, st: _Stored, nod
         p + ".last": np.array([-1], np.int64),
         p + ".blocks": np.array([0, 0, k // st.block, st.block], np.int64),  # ids are [1, T]: 0 keeps both axes
         p + ".row": np.array([0, 0, k], np.int64),
-        p + ".sixteen": np.array(16, np.float32),
         p + ".centre": np.array(1 << (iw.bits - 1), np.float32),
-    }
+    } | ({p + ".sixteen": np.array(16, np.float32)} if len(st.planes) == 2 else {})
     g.initializer.extend(numpy_helper.from_array(v, n) for n, v in consts.items())
     nodes, values = [], []
     for i, plane in enumerate(st.planes):
