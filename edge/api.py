@@ -344,7 +344,7 @@ def export(
     torch.set_grad_enabled(False)
     stages = Stages()
     say(f"exporting {v.name} for {plan.target.name}: {plan.backend.name} {plan.scheme_name} -> {out}")
-    with bundle_mod.staging(out, force) as tmp:
+    with bundle_mod.staging(out, force, say) as tmp:
         with stages.run("load", v.weight_source if not random_weights else f"random weights, seed {seed}"):
             loaded = load_weights(v, weights, random_weights, seed)
             model = loaded.build(max_seq_len)
@@ -417,7 +417,7 @@ def export(
             "stages": stages.to_list(),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
-        manifest = bundle_mod.finalize(tmp, out, manifest)
+        manifest = bundle_mod.finalize(tmp, out, manifest, force)
     manifest["path"] = str(out)
     say(f"bundle written: {out} ({sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.0f} MB)")
     return manifest

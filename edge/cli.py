@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -30,7 +29,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 
 
 def _print_json(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, indent=None) + "\n")
+    from edge.jsonout import dumps
+
+    sys.stdout.write(dumps(obj) + "\n")
 
 
 @app.command()
@@ -313,9 +314,17 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
+def _terminated(signum, frame) -> None:
+    # SIGTERM as an exception: the export's `finally` removes its work folder instead of leaving it behind.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     """Console entry point: EdgeError -> message + hint on stderr, exit 2, no traceback."""
+    import signal
+
     _quiet_libraries()
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except EdgeError as e:

@@ -188,8 +188,10 @@ def test_verdict_names_the_first_stage_that_breaks_the_band():
     v = verdict(results, band, window=512)
     assert v["passed"] is False and v["culprit"] == "lowered"
     assert v["sentence"].startswith("lowered added mean KLD 0.0400 on positions past the sliding window (512)")
-    ok = verdict({"quantized": {"overall": _row(0.01, 0.95)}}, band, 512)
+    ok = verdict({"lowered": {"overall": _row(0.01, 0.95)}}, band, 512)
     assert ok["passed"] is True and "culprit" not in ok
+    unrun = verdict({"quantized": {"overall": _row(0.01, 0.95)}}, band, 512)  # the artifact never ran
+    assert unrun["passed"] is None and "culprit" not in unrun
     top1 = verdict({"quantized": {"overall": _row(0.01, 0.90)}}, band, None)
     assert top1["culprit"] == "quantized" and "top-1 0.900 < 0.92" in top1["sentence"]
 

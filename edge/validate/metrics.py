@@ -148,6 +148,8 @@ def summarize(pp: dict[str, np.ndarray]) -> dict[str, float]:
         "top5_overlap": float(pp["top5_overlap"].mean()),
         "max_abs_dlogit": float(pp["max_abs_dlogit"].max()),
     }
+    if "nonfinite" in pp:
+        row["nonfinite_positions"] = int(pp["nonfinite"].sum())
     if "target_logp" in pp:
         ok = ~np.isnan(pp["target_logp"]) & ~np.isnan(pp["target_logp_ref"])
         if ok.any():

@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 
 from edge.errors import EdgeError
+from edge.jsonout import json_safe  # noqa: F401 (tests and callers import it from here too)
 
 STAGE_ORDER = ("reference", "re-authored", "quantized", "lowered", "device")
 COLORS = {
@@ -47,25 +48,6 @@ VERDICT_WORDS = {True: "PASS", False: "FAIL", None: "MEASURED"}
 
 
 # ---- JSON ---------------------------------------------------------------------------------------
-
-
-def json_safe(obj):
-    """numpy scalars and arrays -> Python; NaN and infinities -> None; paths and tuples -> str, list."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, bool | str) or obj is None:
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist") and not isinstance(obj, int | float):  # numpy scalar or array
-        return json_safe(obj.tolist())
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj) if math.isfinite(obj) else None
-    return str(obj)
 
 
 # ---- formatting (the test formats the JSON values with these same functions) ---------------------

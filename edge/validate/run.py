@@ -46,25 +46,57 @@ def _band(manifest: dict) -> dict:
 
 
 def breaks(row: dict, band: dict) -> list[str]:
-    """Which of the band's limits this stage's overall row breaks (empty: within the band)."""
+    """Which of the band's limits this stage's overall row breaks (empty: within the band).
+
+    Written as `not (value <= limit)`: a NaN compares false both ways, and must break every limit."""
     out = []
-    if band.get("mean_kld") is not None and row["mean_kld"] > band["mean_kld"]:
+    if row.get("nonfinite_positions"):
+        out.append(f"{row['nonfinite_positions']} positions with NaN or infinite logits")
+    if band.get("mean_kld") is not None and not row["mean_kld"] <= band["mean_kld"]:
         out.append(f"mean KLD {row['mean_kld']:.4f} > {band['mean_kld']}")
-    if band.get("top1") is not None and row["top1"] < band["top1"]:
+    if band.get("top1") is not None and not row["top1"] >= band["top1"]:
         out.append(f"top-1 {row['top1']:.3f} < {band['top1']}")
-    if band.get("max_abs_logit") is not None and row["max_abs_dlogit"] > band["max_abs_logit"]:
+    if band.get("max_abs_logit") is not None and not row["max_abs_dlogit"] <= band["max_abs_logit"]:
         out.append(f"max |dlogit| {row['max_abs_dlogit']:.2e} > {band['max_abs_logit']}")
     return out
 
 
-def verdict(results: dict[str, dict], band: dict, window: int | None) -> dict:
-    """Pass/fail on the last stage; the first stage that breaks the band, and by how much it added."""
+def verdict(results: dict[str, dict], band: dict, window: int | None, probes: dict | None = None) -> dict:
+    """Pass/fail on the last stage; the first stage that breaks the band, and by how much it added.
+
+    Failures whatever the band: a stage with NaN or infinite logits, a failed probe. PASS needs the
+    artifact itself to have run (the lowered or device stage); without it the result is measured only."""
     order = [s for s in STAGES if s in results]
     if not order:
         raise EdgeError("no stage was evaluated", hint="choose stages with --stages, or pass --device-logits")
-    if not band:
-        return {"passed": None, "final_stage": order[-1], "sentence": "this scheme has no band: measured only"}
     final = order[-1]
+    for stage in order:
+        if bad := results[stage]["overall"].get("nonfinite_positions"):
+            return {
+                "passed": False,
+                "final_stage": final,
+                "culprit": stage,
+                "broken": [f"{bad} positions with NaN or infinite logits"],
+                "sentence": f"{stage} produced NaN or infinite logits at {bad} positions",
+            }
+    failed = sorted(k for k, ok in (probes or {}).items() if not ok)
+    if failed:
+        return {
+            "passed": False,
+            "final_stage": final,
+            "broken": [f"probe {k}" for k in failed],
+            "sentence": f"probe(s) failed: {', '.join(failed)} (the bundle's tokenizer or prompts are not the model's)",
+        }
+    if not band:
+        return {"passed": None, "final_stage": final, "sentence": "this scheme has no band: measured only"}
+    if final not in ("lowered", "device") and not breaks(results[final]["overall"], band):
+        return {
+            "passed": None,
+            "final_stage": final,
+            "band": band,
+            "sentence": f"{final} is within the band, but the artifact itself was not run (no lowered or device"
+            " stage): measured only",
+        }
     failing = breaks(results[final]["overall"], band)
     out = {"passed": not failing, "final_stage": final, "band": band}
     if not failing:
@@ -216,8 +248,20 @@ def validate(
     prompts = golden.load(path / manifest["golden"]["file"])
     window = manifest["arch"].get("sliding_window")
     backend = BACKENDS.get(manifest["backend"])
-    runs_here = bool(backend and backend.runnable())
+    if backend is None:
+        raise EdgeError(
+            f"the bundle's backend {manifest['backend']!r} is not one this gemma-edge knows",
+            hint=f"known backends: {', '.join(BACKENDS)}; validate it with the version that exported it",
+        )
+    runs_here = backend.runs_here and backend.runnable()
     if stages is None:
+        if not runs_here and not device_logits:
+            # A default run that silently dropped the artifact's own stage would judge only the eager model.
+            raise EdgeError(
+                f"the {backend.name} artifact cannot run on this host, so validating it here would not check it",
+                hint="run `edge validate --dump-logits FILE` on the device and pass --device-logits FILE here,"
+                " or name the host stages with --stages to measure them only",
+            )
         stages = [*(HOST_STAGES if has_torch() else ()), *(("lowered",) if runs_here else ())]
         stages += ["device"] if device_logits else []
     unknown = [s for s in stages if s not in STAGES]
@@ -280,6 +324,9 @@ def validate(
         if "vs_previous" in results[stage]:
             c = results[stage]["vs_previous"]
             say(f"  vs {c['stage']}: mean KLD {c['mean_kld']:.5f}, {c['top1_flips']} of {c['positions']} argmax moved")
+    found = probes(manifest, prompts) | (
+        {"final_softcap": all(r["softcap"]["ok"] for r in results.values())} if cap else {}
+    )
     return {
         "bundle": str(path),
         "variant": manifest["variant"],
@@ -288,8 +335,7 @@ def validate(
         "window": window,
         "kld_note": "KLD over the reference's top-128 plus one tail bucket: a lower bound of the full KLD"
         " (vs_previous: a stage against the stage before it, over the same ids)",
-        "probes": probes(manifest, prompts)
-        | ({"final_softcap": all(r["softcap"]["ok"] for r in results.values())} if cap else {}),
+        "probes": found,
         "stages": results,
-        "verdict": verdict(results, _band(manifest), window),
+        "verdict": verdict(results, _band(manifest), window, found),
     }

@@ -54,6 +54,8 @@ def score(prompts: list[GoldenPrompt], observed: dict[str, Observed], window: in
             raise ValueError(f"{p.name}: {obs.argmax.shape[0]} positions, the golden prompt has {p.ids.shape[0]}")
         pp = per_position(p.ref, obs, targets_of(p))
         pp["position"] = np.arange(p.ids.shape[0])
+        # NaN poisons every mean and compares false with every limit: counted, so the verdict can fail on it.
+        pp["nonfinite"] = (~(np.isfinite(obs.lse) & np.isfinite(obs.at_ref_topk).all(-1))).astype(np.float64)
         per_prompt[p.name] = summarize(pp)
         pooled.append(pp)
     allpp = {k: np.concatenate([pp[k] for pp in pooled]) for k in pooled[0]}
