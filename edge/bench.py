@@ -95,6 +95,43 @@ def bench(
     load_s = time.perf_counter() - t
     rss_loaded = rss_mb()
     say(f"[bench] loaded {manifest['artifact']} in {load_s:.2f} s; {threads} threads")
+    timed = time_runner(runner, ids, gen_len, repeats, say)
+    memory = {
+        "before_load": round(rss_before, 1),
+        "after_load": round(rss_loaded, 1),
+        "after_run": round(rss_mb(), 1),
+        "peak": round(peak_rss_mb(), 1),  # before the bandwidth probe allocates its own buffer
+    }
+    del runner
+    weights = manifest["io"].get("weights_file")
+    model_files = [manifest["artifact"], *([weights["file"]] if weights else [])]
+    model_bytes = sum(manifest["files"][f]["bytes"] for f in model_files)
+    bandwidth = read_bandwidth_gb_s(threads)
+    # Decode reads every weight once per token: the model files' bytes stand for what a token reads.
+    ceiling = bandwidth * 1e9 / model_bytes
+    decode = timed["decode_tok_s"]
+    return {
+        "bundle": manifest["path"],
+        "variant": manifest["variant"],
+        "backend": manifest["backend"],
+        "scheme": manifest["quant"]["scheme"]["name"],
+        "model_bytes": model_bytes,
+        "threads": threads,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "repeats": repeats,
+        "load_s": load_s,
+        **timed,
+        "memory_mb": memory,
+        "read_bandwidth_gb_s": round(bandwidth, 1),
+        "ceiling_tok_s": round(ceiling, 1),
+        "ceiling_fraction": round(decode / ceiling, 3) if decode else None,
+    }
+
+
+def time_runner(runner, ids: list[int], gen_len: int, repeats: int, say: Callable[[str], None] = print) -> dict:
+    """Time to first token, prefill / decode tok/s and per-token latency of any runner (edge/runtime's
+    protocol): a warm-up round, then `repeats` timed rounds of prefill + `gen_len` greedy tokens, medians."""
 
     def one_round() -> tuple[float, float, list[float], list[int]]:
         runner.reset()
@@ -111,7 +148,7 @@ def bench(
 
     # Warm-up: a short prefill and a few decode steps allocate what the runtime allocates on first use.
     runner.reset()
-    token = int(np.argmax(runner.prefill(ids[: min(8, prompt_len)])))
+    token = int(np.argmax(runner.prefill(ids[: min(8, len(ids))])))
     for _ in range(min(4, gen_len)):
         token = int(np.argmax(runner.decode(token)))
     rounds = []
@@ -123,32 +160,33 @@ def bench(
     ttfts = [r[0] for r in rounds]
     steps = [s for r in rounds for s in r[2]]
     decode_rates = [len(r[2]) / sum(r[2]) for r in rounds if r[2]]
-    weights = manifest["io"].get("weights_file")
-    model_files = [manifest["artifact"], *([weights["file"]] if weights else [])]
     return {
-        "bundle": manifest["path"],
-        "variant": manifest["variant"],
-        "backend": manifest["backend"],
-        "scheme": manifest["quant"]["scheme"]["name"],
-        "model_bytes": sum(manifest["files"][f]["bytes"] for f in model_files),
-        "threads": threads,
-        "prompt_len": prompt_len,
-        "gen_len": gen_len,
-        "repeats": repeats,
-        "load_s": load_s,
         "time_to_first_token_ms": statistics.median(ttfts) * 1e3,
-        "prefill_tok_s": statistics.median(prompt_len / t for t in ttfts),
+        "prefill_tok_s": statistics.median(len(ids) / t for t in ttfts),
         "decode_tok_s": statistics.median(decode_rates) if decode_rates else None,
         "decode_ms_per_token": {
             "p50": float(np.percentile(steps, 50)) * 1e3 if steps else None,
             "p90": float(np.percentile(steps, 90)) * 1e3 if steps else None,
         },
-        "memory_mb": {
-            "before_load": round(rss_before, 1),
-            "after_load": round(rss_loaded, 1),
-            "after_run": round(rss_mb(), 1),
-            "peak": round(peak_rss_mb(), 1),
-        },
         "generated_ids": rounds[0][3],
         "rounds_agree": all(r[3] == rounds[0][3] for r in rounds),
     }
+
+
+def read_bandwidth_gb_s(threads: int, mib: int = 512, repeats: int = 5) -> float:
+    """Memory read bandwidth of `threads` threads, GB/s: numpy maxima over `mib` MiB (far beyond the
+    caches), one slice per thread (numpy releases the GIL inside a reduction; its SIMD max is a plain
+    read loop); the best of `repeats`.
+
+    Decode reads every weight once a token, so bandwidth / bytes read per token is its ceiling."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = np.ones(mib * 2**20 // 8, dtype=np.float64)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = max(best, data.nbytes / (time.perf_counter() - t) / 1e9)
+    return best

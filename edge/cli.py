@@ -205,6 +205,9 @@ def bench(
                    f"({lat['p50']:.1f} ms/token median, {lat['p90']:.1f} p90)")  # fmt: skip
     typer.echo(f"  memory              {mem['after_load']:8.0f} MB RSS loaded, {mem['peak']:.0f} MB peak "
                f"({mem['before_load']:.0f} MB before loading)")  # fmt: skip
+    if r["ceiling_fraction"] is not None:
+        typer.echo(f"  ceiling             {r['ceiling_tok_s']:8.1f} tok/s ({r['read_bandwidth_gb_s']:.1f} GB/s read / "
+                   f"{r['model_bytes'] / 1e6:.0f} MB a token): decode at {r['ceiling_fraction']:.0%}")  # fmt: skip
     if not r["rounds_agree"]:
         typer.echo("  warning: the rounds generated different tokens (a nondeterministic runtime?)", err=True)
 

@@ -29,6 +29,17 @@ def test_bench_times_the_same_greedy_run_as_generate(tiny_bundle):
     assert r["decode_ms_per_token"]["p90"] >= r["decode_ms_per_token"]["p50"] > 0
     mem = r["memory_mb"]
     assert mem["peak"] >= mem["after_load"] > 0 and mem["peak"] >= mem["after_run"]
+    # the ceiling: bandwidth / the bytes a token reads, and decode's share of it
+    assert r["read_bandwidth_gb_s"] > 0
+    assert r["ceiling_tok_s"] == pytest.approx(r["read_bandwidth_gb_s"] * 1e9 / r["model_bytes"], rel=0.01)
+    assert r["ceiling_fraction"] == pytest.approx(r["decode_tok_s"] / r["ceiling_tok_s"], abs=2e-3)
+
+
+def test_read_bandwidth_is_a_plausible_figure():
+    from edge.bench import read_bandwidth_gb_s
+
+    # 64 MiB read in well under a second on any machine this runs on, and no faster than ~1 TB/s
+    assert 0.05 < read_bandwidth_gb_s(1, mib=64, repeats=2) < 1000
 
 
 @pytest.mark.parametrize("backend", ["litert", "onnx"])

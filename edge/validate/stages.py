@@ -104,3 +104,13 @@ def load_dump(path) -> tuple[dict[str, Observed], dict]:
         names = {k.split(".", 1)[0] for k in z.files if "." in k}
         observed = {n: Observed(*(z[f"{n}.{f}"] for f in Observed.FIELDS)) for n in sorted(names)}
         return observed, json.loads(str(z["meta"]))
+
+
+def write_observe_request(path, prompts: list[GoldenPrompt]) -> None:
+    """What another runtime needs to write a dump (load_dump's format) of its own logits on the golden
+    prompts: each prompt's ids and the reference's top-k ids (benchmarks/peers/llama_cpp_bench.py)."""
+    arrays = {"format": np.array(DUMP_FORMAT + "/request")}
+    for p in prompts:
+        arrays |= {f"{p.name}.ids": p.ids.astype(np.int64), f"{p.name}.topk_idx": p.ref.topk_idx.astype(np.int64)}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
