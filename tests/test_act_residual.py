@@ -82,3 +82,22 @@ def test_the_residual_stays_inside_one_delegate():
     program = ex._lower(ep.run_decompositions({}), BACKENDS["xnnpack"]).to_executorch(ex._backend_config())
     report = ex.delegation_report(program.exported_program().graph_module)
     assert report["delegate_calls"] == 1 and report["ops_outside_delegate"] == {}, report
+
+
+def test_rounded_is_torchaos_rounding_without_the_zero_point():
+    """(q - zp) * s with q = round(x / s) + zp: the zero point cancels, so `rounded` never computes it. It
+    must still give torchao's dequantized int8 (fake_quant_act) on rows with outliers, all-positive and
+    all-negative rows; it may differ only at exact ties, by one step."""
+    from edge.quant.smooth import fake_quant_act
+
+    ar = ActResidual(nn.Linear(640, 8, bias=False))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 640, generator=g) * torch.rand(300, 1, generator=g) * 10
+    x[:, torch.randint(0, 640, (5,), generator=g)] *= 30
+    x[100:200] = x[100:200].abs()
+    x[200:] = -x[200:].abs()
+    got, want = ar.rounded(x), fake_quant_act(x)
+    step = (x.amax(-1, keepdim=True).clamp(min=0) - x.amin(-1, keepdim=True).clamp(max=0)) / 255
+    differ = got != want
+    assert differ.float().mean() < 1e-4, differ.sum()
+    assert ((got - want).abs() <= step * 1.001).all()
