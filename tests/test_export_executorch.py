@@ -230,3 +230,28 @@ def test_a_linear_xnnpack_refuses_falls_back_to_the_checked_path(monkeypatch):
     assert calls == [False, True]
     out = Runtime.get().load_program(program).load_method("forward").execute([x, w])[0]
     torch.testing.assert_close(out, x @ w.T)
+
+
+def test_global_layers_attend_through_llamas_custom_sdpa(tmp_path):
+    """XNNPACK: the global layers' caches are written by llama::update_cache and read by llama::custom_sdpa
+    up to the current position (not all max_seq_len); the sliding-window layers keep the plain attention.
+    The .pte still equals eager over a prefill and 40 decode steps past the window, and the runner
+    contract says so (use_sdpa_with_kv_cache)."""
+    model = tiny_model(2)  # Gemma 3: layers 0-4 sliding-window, 5 global
+    n_global = sum(not b.local for b in model.layers)
+    path, low = lower(model, tmp_path)
+    outside = low.delegation["ops_outside_delegate"]
+    assert outside.get("llama::custom_sdpa.out") == n_global >= 1
+    assert outside.get("llama::update_cache.out") == 2 * n_global
+    assert outside.get("aten::index_put_") == 2 * (len(model.layers) - n_global)
+    pte = PteRunner(path)
+    assert pte.constant("use_sdpa_with_kv_cache") is True
+    matches_eager_prefill_and_40_decode_steps(pte, model)
+    assert all(type(b.attn.cache).__name__ == "KVCache" for b in model.layers)  # restored after the export
+    # The runner takes the program's outputs uncloned (edge/runtime/pte.py): what it returned must not
+    # change when the next call reuses the program's memory.
+    pte.reset()
+    first = pte.prefill([5, 6, 7])
+    kept = first.copy()
+    pte.decode(9)
+    assert np.array_equal(first, kept)

@@ -156,11 +156,12 @@ class Attention(nn.Module):
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """x (B, T, dim); pos (T,); cos, sin (T, D); mask (G*T, S) additive, the (T, S) mask repeated
-        for each of the G query heads that share a KV head. Returns (B, T, dim).
+        for each of the G query heads that share a KV head (None for a fused cache: causal from the
+        current position). Returns (B, T, dim).
 
         `cache` replaces the layer's own cache for this call (anything with KVCache.update's
         contract): how a functional export passes the cache in and out (edge/targets/litert.py)."""
@@ -175,6 +176,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin, rotate), apply_rope(k, cos, sin, rotate)
         cache = cache if cache is not None else self.cache
         assert cache is not None, "call Gemma.setup_cache() first"
+        if getattr(cache, "fused", False):  # an export's cache that also attends (edge/targets/executorch.py)
+            out = cache.attend(q, k, v, pos, mask, self.scale)  # (B, T, Hq, D)
+            return self.wo(out.reshape(B, T, self.n_heads * self.hd))
         k_all, v_all = cache.update(pos, k, v)  # (B, Hkv, S, D)
 
         # Fold: query heads j*G .. j*G+G-1 share KV head j (transformers' repeat_kv order), so
@@ -225,7 +229,7 @@ class Block(nn.Module):
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         h = self.attn(self.attn_norm(x), pos, cos, sin, mask, cache)
@@ -309,7 +313,10 @@ class Gemma(nn.Module):
             tables[local] = (cos.to(dtype), sin.to(dtype), mask.repeat(G, 1))  # (T, D), (T, D), (G*T, S)
         for i, layer in enumerate(self.layers):
             cos, sin, mask = tables[layer.local]
-            x = layer(x, pos, cos, sin, mask, caches[i] if caches is not None else None)
+            cache = caches[i] if caches is not None else None
+            if cache is None and getattr(layer.attn.cache, "fused", False):
+                mask = None  # a fused cache attends causally from the current position on its own
+            x = layer(x, pos, cos, sin, mask, cache)
         x = self.norm(x)
         if not all_logits:
             x = x[:, -1, :]  # (B, dim)

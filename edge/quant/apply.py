@@ -167,7 +167,9 @@ def quantize_model(
         # Untie: the head and the lookup table get their own quantized copies (a matmul and a gather
         # want different formats). Same storage until quantize_ replaces each.
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
-    _transcode(model, exact, grids, rows, scheme.source_act_slice, scheme.int8_offsets)
+    # The offsets take the residual row only when every linear does (act_residual_only names none of them).
+    offsets_residual = scheme.act_residual and not scheme.act_residual_only
+    _transcode(model, exact, grids, rows, scheme.source_act_slice, scheme.int8_offsets, offsets_residual)
     _split_grouped_int8(model, scheme, todo, coverage)
     if scheme.shared_table:
         _share_table(model, head_s)
@@ -188,7 +190,7 @@ def quantize_model(
     if scheme.act_residual:
         from edge.quant.split import wrap_act_residual
 
-        wrapped = wrap_act_residual(model)
+        wrapped = wrap_act_residual(model, only=scheme.act_residual_only)
         for r in coverage:
             if any(w == r["name"] or w.startswith(r["name"] + ".") for w in wrapped):
                 r["activations"] = "dynamic int8, twice: x and its rounding residual, two rows of one call"
@@ -235,6 +237,7 @@ def _transcode(
     rows: dict[str, dict],
     act_slice: int | None = None,
     int8_offsets: bool = False,
+    offsets_residual: bool = True,
 ) -> None:
     """Replace each named linear by an OffsetLinear on its source grid (edge/quant/transcode.py)."""
     from edge.quant.transcode import to_offset_linear, to_plane_linear
@@ -246,7 +249,7 @@ def _transcode(
         if grid.minimum is not None:  # Q4_K: one 4-bit plane
             lin = to_offset_linear(grid, current, act_slice)
             if int8_offsets:
-                lin.int8_offsets()
+                lin.int8_offsets(offsets_residual)
                 offsets = "an int8 linear (8da8w per row)"
             bits = 4 + 16 / grid.group + (8 if int8_offsets else 32) / grid.group
             rows[name]["scheme"] = f"8da4w-g{grid.group}-source-{grid.kind}"

@@ -174,21 +174,64 @@ class UpdateCacheKVCache(KVCache):
         return self.k.transpose(1, 2), self.v.transpose(1, 2)
 
 
-KV_WRITE = {"vulkan": UpdateCacheKVCache}
+class SdpaKVCache(UpdateCacheKVCache):
+    """The seq-major cache written by `llama::update_cache`, which also attends: `llama::custom_sdpa`.
+
+    For XNNPACK (CPU). The plain attention (Attention.forward) multiplies the query by all max_seq_len
+    cached positions and masks the unwritten ones: on the 270M int4, 4.1 ms of a 35 ms decode step and
+    101 ms of a 128-token prefill's 511 ms went to those batched matmuls (ETDump, benchmarks/profile_pte.py).
+    custom_sdpa (flash attention, grouped-query heads natively) reads the cache only up to start + T, causal
+    from `start`: global layers only. A sliding-window layer needs a mask, which executorch 1.5.1's kernel
+    takes only over the whole cache, and then it is slower than the plain attention (270M int4, decode at
+    position ~130: 0.43 ms a layer, the global layers' causal calls 0.06-0.09 ms; docs/speed.md). It is
+    ExecuTorch's own LLM export's attention, so the stock runners and apps link its kernels. Not for
+    attention softcaps (Gemma 2): custom_sdpa has none.
+    """
+
+    fused = True
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, mask, scale: float
+    ) -> torch.Tensor:
+        """q (B, Hq, T, D), k, v (B, Hkv, T, D) -> (B, T, Hq, D), attending to cached positions < start + T."""
+        start = pos[0].item()  # positions are consecutive: pos = start + arange(T)
+        torch._check(start >= 0)
+        torch._check(start + k.shape[2] <= self.k.shape[1])
+        torch.ops.llama.update_cache(k.transpose(1, 2), self.k, start)
+        torch.ops.llama.update_cache(v.transpose(1, 2), self.v, start)
+        return torch.ops.llama.custom_sdpa(q.transpose(1, 2), self.k, self.v, start, mask, 0.0, mask is None, scale)
+
+
+KV_WRITE = {"vulkan": UpdateCacheKVCache, "xnnpack": SdpaKVCache}
+
+
+def fused_attention(model: nn.Module, backend: Backend) -> bool:
+    """Whether the export's global layers attend through their cache (SdpaKVCache): not with softcaps."""
+    has_global = any(not b.local for b in model.layers)
+    return KV_WRITE.get(backend.name) is SdpaKVCache and model.cfg.attn_softcap is None and has_global
 
 
 @contextmanager
 def kv_writes_for(model: nn.Module, backend: Backend) -> Iterator[str]:
     """Swap the caches' layout and write for the backend's while exporting; the model is restored."""
     cls = KV_WRITE.get(backend.name)
+    if cls is SdpaKVCache and not fused_attention(model, backend):
+        cls = None
     if cls is None:
         yield "index_copy_ (index_put) into (1, n_kv_heads, max_seq_len, head_dim) buffers"
         return
-    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::update_cache)
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama::update_cache, custom_sdpa)
 
-    kept = {c: cls.swap_in(c) for c in [m for m in model.modules() if type(m) is KVCache]}
+    layers = [m for m in model.modules() if type(m) is KVCache]
+    if cls is SdpaKVCache:  # the global layers' caches only (see SdpaKVCache)
+        layers = [b.attn.cache for b in model.layers if not b.local and type(b.attn.cache) is KVCache]
+    kept = {c: cls.swap_in(c) for c in layers}
     try:
-        yield "llama::update_cache into (1, max_seq_len, n_kv_heads, head_dim) buffers"
+        how = "llama::update_cache into (1, max_seq_len, n_kv_heads, head_dim) buffers"
+        if cls is SdpaKVCache:
+            how = (f"global layers: {how}, read by llama::custom_sdpa up to the current position; sliding-window"
+                   " layers: index_copy_ into (1, n_kv_heads, max_seq_len, head_dim) buffers")  # fmt: skip
+        yield how
     finally:
         for c, bufs in kept.items():
             cls.swap_out(c, bufs)
@@ -414,6 +457,7 @@ def export(
     from torch.export import Dim
 
     wrapper = RunnerContract(model, meta["get_vocab_size"]).eval()
+    meta = {**meta, "use_sdpa_with_kv_cache": fused_attention(model, backend)}
     dynamic = not backend.static_shapes
     tokens = torch.tensor([[2, 3, 4]] if dynamic else [[2]], dtype=torch.int64)
     example = (tokens, torch.tensor([0], dtype=torch.int64))
