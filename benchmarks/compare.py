@@ -225,11 +225,14 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "compare")
+    p.add_argument("--render", action="store_true", help="only rewrite OUT/compare.md and .png from OUT/compare.json")
     p.add_argument("--eager-worker", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.eager_worker:
         print(json.dumps(eager_worker(a.eager_worker, a.gen_len, a.threads)))
         return
+    if a.render:
+        return render(json.loads((a.out / "compare.json").read_text()), a.out)
 
     from edge import bundle as bundle_mod
     from edge.bench import prompt_ids, read_bandwidth_gb_s
@@ -250,9 +253,17 @@ def main() -> None:
     ids_file = a.out / "prompt-ids.json"
     ids_file.write_text(json.dumps(prompt_ids(tokenizer, a.prompt_len)))
 
-    def label(m: dict) -> str:
+    def base_label(m: dict) -> str:
         kind = {"executorch": ".pte", "litert": ".tflite", "onnx": ".onnx"}.get(m["backend_family"], "")
         return f"gemma-edge {m['backend']} {m['quant']['scheme']['name']} {kind}"
+
+    bases = [base_label(m) for m in manifests.values()]
+    # Two bundles of the same kind (e.g. before / after a change) are told apart by their folder names.
+    labels = {b: base_label(m) + (f" ({b.name})" if bases.count(base_label(m)) > 1 else "")
+              for b, m in manifests.items()}  # fmt: skip
+
+    def label(m: dict) -> str:
+        return labels[Path(m["path"])]
 
     contenders = {label(m): bundle_cmd(b, a) for b, m in manifests.items()}
     if not a.no_llama_cpp:
@@ -301,10 +312,14 @@ def main() -> None:
     if not a.no_llama_cpp and llama_build.exists():
         result["llama_cpp_build"] = json.loads(llama_build.read_text())
     (a.out / "compare.json").write_text(json.dumps(result, indent=1))
+    render(result, a.out)
+
+
+def render(result: dict, out: Path) -> None:
     table = markdown(result)
-    (a.out / "compare.md").write_text(table)
+    (out / "compare.md").write_text(table)
     try:
-        plot(result, a.out / "compare.png")
+        plot(result, out / "compare.png")
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
     print(table)
