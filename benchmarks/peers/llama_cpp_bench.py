@@ -3,7 +3,8 @@
 Run with the peer venv's python (benchmarks/peers/llama_cpp.sh builds it), not the project's:
   $VENV/bin/python benchmarks/peers/llama_cpp_bench.py --gguf M.gguf --prompt-ids ids.json --gen-len 128 \
       --threads 2 --repeats 3
-The JSON uses edge/bench.py's field names so both can share one table. Only stdlib, llama_cpp, psutil, numpy.
+The JSON uses edge/bench.py's field names and its timing loop (time_runner, numpy only), so both share one table.
+Besides the checkout's edge/bench.py: stdlib, llama_cpp, psutil, numpy.
 
   ... --observe REQ.npz --observe-out OUT.npz   (no timing)
 teacher-forced logits on the golden prompts of REQ (edge.validate.stages.write_observe_request), written
@@ -16,12 +17,16 @@ import importlib.metadata
 import json
 import os
 import resource
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: edge.bench needs only numpy
+from edge.bench import time_runner  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -90,34 +95,8 @@ def main() -> None:
     )
     load_s = time.perf_counter() - t
     rss_loaded = rss_mb()
-    n_vocab = llm.n_vocab()
-
-    def greedy() -> int:
-        # With logits_all=False, 0.3.36's Llama.eval no longer copies logits into llm.scores (stale memory):
-        # read the last row straight from llama.cpp, a zero-copy view of n_vocab floats.
-        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        return int(np.argmax(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (n_vocab,))))
-
-    def one_round() -> tuple[float, list[float], list[int]]:
-        llm.reset()  # n_tokens = 0: the next eval drops every cached position (kv_cache_seq_rm from 0)
-        t0 = time.perf_counter()
-        llm.eval(ids)  # the ids as given: no BOS is added on this path
-        token = greedy()
-        ttft = time.perf_counter() - t0
-        steps, out = [], [token]
-        for _ in range(a.gen_len - 1):
-            t1 = time.perf_counter()
-            llm.eval([token])
-            token = greedy()
-            steps.append(time.perf_counter() - t1)
-            out.append(token)
-        return ttft, steps, out
-
-    one_round()  # warm-up, not counted
-    rounds = [one_round() for _ in range(a.repeats)]
-    ttfts = [r[0] for r in rounds]
-    steps = [s for r in rounds for s in r[1]]
-    decode_rates = [len(r[1]) / sum(r[1]) for r in rounds if r[1]]
+    # The very timing loop of `edge bench` (edge/bench.py: warm-up, rounds, medians), on llama.cpp.
+    timed = time_runner(LlamaRunner(llm), ids, a.gen_len, a.repeats, say=lambda _: None)
     print(
         json.dumps(
             {
@@ -130,25 +109,42 @@ def main() -> None:
                 "gen_len": a.gen_len,
                 "repeats": a.repeats,
                 "load_s": load_s,
-                "time_to_first_token_ms": statistics.median(ttfts) * 1e3,
-                "prefill_tok_s": statistics.median(len(ids) / t for t in ttfts),
-                "decode_tok_s": statistics.median(decode_rates) if decode_rates else None,
-                "decode_ms_per_token": {
-                    "p50": float(np.percentile(steps, 50)) * 1e3 if steps else None,
-                    "p90": float(np.percentile(steps, 90)) * 1e3 if steps else None,
-                },
+                **timed,
                 "memory_mb": {
                     "before_load": round(rss_before, 1),
                     "after_load": round(rss_loaded, 1),
                     "after_run": round(rss_mb(), 1),
                     "peak": round(peak_rss_mb(), 1),
                 },
-                "generated_ids": rounds[0][2],
-                "rounds_agree": all(r[2] == rounds[0][2] for r in rounds),
                 "system_info": llama_cpp.llama_print_system_info().decode(),
             }
         )
     )
+
+
+class LlamaRunner:
+    """llama.cpp behind edge/runtime's runner protocol: reset, prefill(ids), decode(id) -> last logits."""
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+        self.n_vocab = llm.n_vocab()
+
+    def _logits(self) -> np.ndarray:
+        # With logits_all=False, 0.3.36's Llama.eval no longer copies logits into llm.scores (stale memory):
+        # read the last row straight from llama.cpp, a zero-copy view of n_vocab floats.
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), (self.n_vocab,))
+
+    def reset(self) -> None:
+        self.llm.reset()  # n_tokens = 0: the next eval drops every cached position (kv_cache_seq_rm from 0)
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self.llm.eval(ids)  # the ids as given: no BOS is added on this path
+        return self._logits()
+
+    def decode(self, token: int) -> np.ndarray:
+        self.llm.eval([token])
+        return self._logits()
 
 
 if __name__ == "__main__":
