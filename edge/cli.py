@@ -323,21 +323,36 @@ def _terminated(signum, frame) -> None:
 
 
 def main() -> None:
-    """Console entry point: EdgeError -> message + hint on stderr, exit 2, no traceback."""
+    """Console entry point: EdgeError -> message + hint on stderr, exit 2, no traceback.
+
+    Typer runs non-standalone so that its usage errors (an unknown option, a missing or malformed
+    value) reach us too and print in the same `error:` / `hint:` form with exit 2."""
     import signal
+
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer.exceptions import Abort
 
     _quiet_libraries()
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        app()
+        code = app(standalone_mode=False)
     except EdgeError as e:
         typer.echo(f"error: {e.message}", err=True)
         if e.hint:
             typer.echo(f"hint: {e.hint}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except NoArgsIsHelpError as e:  # `edge` or `edge COMMAND` alone: the help, as before
+        typer.echo(e.ctx.get_help(), err=True)
+        sys.exit(2)
+    except ClickException as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        ctx = getattr(e, "ctx", None)
+        typer.echo(f"hint: `{ctx.command_path if ctx else 'edge'} --help` lists the options", err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise EdgeError(f"--temperature {self.temperature} is negative", hint="use 0 for greedy, or a value > 0")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails too: it compares false both ways
+            raise EdgeError(
+                f"--temperature {self.temperature} is not a finite value >= 0", hint="use 0 for greedy, or e.g. 0.8"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise EdgeError(
                 f"--top-k {self.top_k} must be at least 1", hint="omit it to sample from the full vocabulary"

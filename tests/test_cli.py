@@ -64,7 +64,7 @@ def test_generate_random_weights_is_seeded():
         (("generate", "--random-weights", "--weights", "/tmp", "--prompt", "x"), "exclude each other"),
         (("generate", "--random-weights", "--prompt", "one two three four five", "--max-seq-len", "4"), "holds 4"),
         (("generate", "--random-weights", "--prompt", "x", "--max-new-tokens", "0"), "at least 1"),
-        (("generate", "--random-weights", "--prompt", "x", "--temperature", "-1"), "negative"),
+        (("generate", "--random-weights", "--prompt", "x", "--temperature", "-1"), "not a finite value >= 0"),
     ],
 )
 def test_bad_input_exits_2_with_hint(args, needle):

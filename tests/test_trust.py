@@ -191,3 +191,22 @@ def test_a_default_run_that_cannot_run_the_artifact_exits_2(tiny_bundle, tmp_pat
     _edit_manifest(copy, lambda m: m.update(backend="coreml"))
     out = edge_cli("validate", str(copy))
     assert out.returncode == 2 and "cannot run on this host" in out.stderr and "--device-logits" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["export", "--bogus"], "No such option: --bogus"),
+        (["export", "--max-seq-len", "abc"], "Invalid value for '--max-seq-len'"),
+        (["validate"], "Missing argument"),
+        (["generate", "--prompt", "hi", "--temperature", "nan"], "--temperature nan is not a finite value"),
+        (["generate", "--prompt", "hi", "--temperature", "inf"], "--temperature inf is not a finite value"),
+    ],
+)
+def test_usage_errors_print_error_and_hint_and_exit_2(args, needle):
+    """Typer's own usage errors came out as a boxed message without `error:` / `hint:`; NaN sampling
+    temperatures reached numpy and a traceback."""
+    out = edge_cli(*args)
+    assert out.returncode == 2, out.stderr
+    assert f"error: {needle}" in out.stderr or (needle in out.stderr and "error:" in out.stderr), out.stderr
+    assert "hint:" in out.stderr and "Traceback" not in out.stderr
