@@ -156,14 +156,25 @@ def _plain_name(path: Path, name: object, what: str) -> str:
     return name
 
 
-def _get(manifest: dict, path: Path, keys: str, kind: type | tuple[type, ...]):
+_ABSENT = object()
+
+
+def _lookup(manifest: dict, keys: str) -> object:
+    """manifest["a"]["b"] for "a.b"; _ABSENT where a level is missing or not an object."""
     node: object = manifest
     for k in keys.split("."):
         if not isinstance(node, dict) or k not in node:
-            raise EdgeError(f"{path}: the manifest has no {keys!r}", hint=_REEXPORT)
+            return _ABSENT
         node = node[k]
+    return node
+
+
+def _get(manifest: dict, path: Path, keys: str, kind: type):
+    node = _lookup(manifest, keys)
+    if node is _ABSENT:
+        raise EdgeError(f"{path}: the manifest has no {keys!r}", hint=_REEXPORT)
     if not isinstance(node, kind) or (kind is int and isinstance(node, bool)):
-        raise EdgeError(f"{path}: the manifest's {keys!r} is not a {getattr(kind, '__name__', kind)}", hint=_REEXPORT)
+        raise EdgeError(f"{path}: the manifest's {keys!r} is not a {kind.__name__}", hint=_REEXPORT)
     return node
 
 
@@ -187,14 +198,7 @@ REQUIRED = {
 
 def named_files(manifest: dict) -> dict[str, str]:
     """{field: file name} for every manifest field that names a file (the optional ones when present)."""
-    out = {}
-    for keys in NAMED_FILES:
-        node: object = manifest
-        for k in keys.split("."):
-            node = node.get(k) if isinstance(node, dict) else None
-        if node is not None:
-            out[keys] = node
-    return out
+    return {keys: node for keys in NAMED_FILES if (node := _lookup(manifest, keys)) is not _ABSENT}
 
 
 def load(bundle: str | Path) -> dict:
