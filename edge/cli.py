@@ -253,7 +253,8 @@ def validate(
 ) -> None:
     """Compare every stage's logits with the fp32 reference; name the stage that lost accuracy.
 
-    Exit 0: within the scheme's band; 1: outside it; 2: bad input (including a modified bundle file)."""
+    Exit 0: within the scheme's band, or measured only (the scheme has no band, or --stages left the
+    artifact out); 1: outside it, NaN logits or a failed probe; 2: bad input (including a modified bundle)."""
     from edge.progress import say
     from edge.validate.run import validate as run_validate
 
