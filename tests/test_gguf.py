@@ -8,80 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
+from tiny_files import DIM, HEAD_DIM, HEADS, HIDDEN, KV_HEADS, VOCAB, tiny_tensors, write_gguf
 
 from edge.errors import EdgeError
 from edge.models.config import Family, gemma2_layer_types, gemma3_layer_types
 from edge.models.weights.gguf import GGUFFile, config_from_gguf, gguf_to_ours, load_gguf
-
-VOCAB = 300
-DIM, HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 64, 2, 1, 32, 128
-
-
-def tiny_tensors(arch: str, n_layers: int = 2, seed: int = 0) -> dict[str, tuple[np.ndarray, Q]]:
-    """GGUF name -> (float32 values in torch order, storage type) for a tiny Gemma of that family."""
-    rng = np.random.default_rng(seed)
-
-    def mat(rows: int, cols: int) -> np.ndarray:
-        return rng.normal(0, 0.02, (rows, cols)).astype(np.float32)
-
-    def norm(n: int) -> np.ndarray:  # stored as 1 + w, like llama.cpp's converter writes them
-        return (1.0 + rng.normal(0, 0.1, n)).astype(np.float32)
-
-    t = {"token_embd.weight": (mat(VOCAB, DIM), Q.Q8_0), "output_norm.weight": (norm(DIM), Q.F32)}
-    for i in range(n_layers):
-        b = f"blk.{i}."
-        t |= {
-            b + "attn_norm.weight": (norm(DIM), Q.F32),
-            b + "attn_q.weight": (mat(HEADS * HEAD_DIM, DIM), Q.F16),
-            b + "attn_k.weight": (mat(KV_HEADS * HEAD_DIM, DIM), Q.Q8_0),
-            b + "attn_v.weight": (mat(KV_HEADS * HEAD_DIM, DIM), Q.BF16),
-            b + "attn_output.weight": (mat(DIM, HEADS * HEAD_DIM), Q.F32),
-            b + "ffn_norm.weight": (norm(DIM), Q.F32),
-            b + "ffn_gate.weight": (mat(HIDDEN, DIM), Q.Q8_0),
-            b + "ffn_up.weight": (mat(HIDDEN, DIM), Q.F16),
-            b + "ffn_down.weight": (mat(DIM, HIDDEN), Q.Q8_0),
-        }
-        if arch in ("gemma2", "gemma3"):
-            t |= {b + "post_attention_norm.weight": (norm(DIM), Q.F32), b + "post_ffw_norm.weight": (norm(DIM), Q.F32)}
-        if arch == "gemma3":
-            t |= {b + "attn_q_norm.weight": (norm(HEAD_DIM), Q.F32), b + "attn_k_norm.weight": (norm(HEAD_DIM), Q.F32)}
-    return t
-
-
-def write_gguf(path: Path, arch: str = "gemma3", tensors: dict | None = None, n_layers: int = 2, **meta) -> Path:
-    tensors = tiny_tensors(arch, n_layers) if tensors is None else tensors
-    w = GGUFWriter(path, arch)
-    w.add_block_count(n_layers)
-    w.add_embedding_length(DIM)
-    w.add_feed_forward_length(HIDDEN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_key_length(HEAD_DIM)
-    w.add_value_length(HEAD_DIM)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_context_length(1024)
-    w.add_rope_freq_base(meta.pop("rope_freq_base", 1e6 if arch == "gemma3" else 1e4))
-    if arch in ("gemma2", "gemma3"):
-        w.add_sliding_window(meta.pop("sliding_window", 16))
-    for key, value in meta.items():  # extra keys, e.g. attn_logit_softcapping=50.0
-        getattr(w, f"add_{key}")(value)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"t{i}" for i in range(4, VOCAB)])
-    w.add_token_types([3, 3, 3, 3] + [1] * (VOCAB - 4))
-    w.add_bos_token_id(2)
-    w.add_eos_token_id(1)
-    for name, (values, qtype) in tensors.items():
-        if qtype in (Q.F32, Q.F16):
-            w.add_tensor(name, quantize(values, qtype))
-        else:
-            w.add_tensor(name, quantize(values, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def stored(values: np.ndarray, qtype: Q) -> np.ndarray:

@@ -29,13 +29,31 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize as _gguf_dequantize
 
 from edge.errors import EdgeError
-from edge.models.config import Family, GemmaConfig, gemma2_layer_types, gemma3_layer_types
+from edge.models.config import (
+    CONFIG_HINT,
+    INT_LIMITS,
+    Family,
+    GemmaConfig,
+    gemma2_layer_types,
+    gemma3_layer_types,
+)
 
 _MAGIC = b"GGUF"
 # v1 (2023) used 32-bit counts and lengths; llama.cpp itself no longer reads it.
 SUPPORTED_VERSIONS = (2, 3)
 _DEFAULT_ALIGNMENT = 32
 _DEQUANT_SLICE_BYTES = 8 << 20
+# ggml's GGML_MAX_DIMS; deeper array nesting than any converter writes (a recursion bomb otherwise).
+_MAX_DIMS = 4
+_MAX_ARRAY_DEPTH = 4
+_MAX_ALIGNMENT = 1 << 20
+# The fewest bytes one entry can take: a metadata pair (u64 key length, u32 type, a 1-byte value)
+# and a tensor record (u64 name length, u32 n_dims, one u64 dim, u32 type, u64 offset). A count in
+# the header is checked against them and the bytes left before anything is looped over.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_BYTES = 8 + 4 + 8 + 4 + 8
+_MIN_ITEM_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 4 + 8}
+_CORRUPT_HINT = "the file is damaged or was not written by a GGUF converter; fetch or convert it again"
 
 _SCALAR_FORMATS: dict[int, str] = {
     GGUFValueType.UINT8: "<B",
@@ -73,10 +91,14 @@ class _Cursor:
     def __init__(self, buf: memoryview) -> None:
         self.buf = buf
         self.pos = 0
+        self.depth = 0
 
     def _need(self, n: int) -> None:
         if self.pos + n > len(self.buf):
             raise _Truncated
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
 
     def u32(self) -> int:
         self._need(4)
@@ -114,13 +136,21 @@ class _Cursor:
     def array(self) -> Any:
         itype = self.u32()
         count = self.u64()
+        fmt = _SCALAR_FORMATS.get(itype)
+        if fmt is None and itype not in _MIN_ITEM_BYTES:
+            raise ValueError(f"unknown metadata array item type {itype}")
+        if count * (_MIN_ITEM_BYTES.get(itype) or struct.calcsize(fmt)) > self.left():
+            raise _Truncated  # before the loop: a count of 2**64 would otherwise run until memory is gone
         if itype == GGUFValueType.STRING:
             return self._strings(count)
         if itype == GGUFValueType.ARRAY:
-            return [self.array() for _ in range(count)]
-        fmt = _SCALAR_FORMATS.get(itype)
-        if fmt is None:
-            raise ValueError(f"unknown metadata array item type {itype}")
+            if self.depth >= _MAX_ARRAY_DEPTH:
+                raise ValueError(f"metadata arrays nested more than {_MAX_ARRAY_DEPTH} deep")
+            self.depth += 1
+            try:
+                return [self.array() for _ in range(count)]
+            finally:
+                self.depth -= 1
         dtype = np.dtype(fmt)
         self._need(count * dtype.itemsize)
         out = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
@@ -167,7 +197,7 @@ class GGUFFile:
                 hint="the download or copy was cut short; fetch the file again",
             ) from None
         except (UnicodeDecodeError, ValueError) as e:
-            raise EdgeError(f"{self.path} has a corrupt GGUF header: {e}", hint="fetch the file again") from None
+            raise EdgeError(f"{self.path} has a corrupt GGUF header: {e}", hint=_CORRUPT_HINT) from None
         self._check_extent()
 
     def _parse(self, buf: memoryview) -> None:
@@ -190,32 +220,62 @@ class GGUFFile:
             )
         n_tensors = cur.u64()
         n_kv = cur.u64()
+        if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_BYTES > cur.left():
+            raise EdgeError(
+                f"{self.path}: its header claims {n_kv:,} metadata entries and {n_tensors:,} tensors, more than "
+                f"its {self.size:,} bytes can hold",
+                hint=_CORRUPT_HINT,
+            )
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
+            if key in self.metadata:
+                raise ValueError(f"metadata key {key!r} appears twice")
             self.metadata[key] = cur.value(cur.u32())
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.u64() for _ in range(cur.u32())]
+            n_dims = cur.u32()
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (ggml allows 1 to {_MAX_DIMS})")
+            dims = [cur.u64() for _ in range(n_dims)]
             type_id = cur.u32()
             rel = cur.u64()
             infos.append((name, dims, type_id, rel))
-        align = int(self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT))
+        align = self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if (
+            not isinstance(align, int | np.integer)
+            or isinstance(align, bool | np.bool_)
+            or not 0 < align <= _MAX_ALIGNMENT
+            or align & (align - 1)
+        ):
+            raise ValueError(f"general.alignment is {align!r}, not a power of two up to {_MAX_ALIGNMENT}")
+        align = int(align)
         self.data_offset = -(-cur.pos // align) * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, type_id, rel in infos:
             try:
                 qtype = GGMLQuantizationType(type_id)
-            except ValueError:
+                block, type_size = GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
                 raise EdgeError(
                     f"{self.path}: tensor {name} has unknown ggml type {type_id}",
                     hint="the file is newer than the installed gguf package; upgrade gguf",
                 ) from None
-            block, type_size = GGML_QUANT_SIZES[qtype]
-            if dims and dims[0] % block:
-                raise EdgeError(f"{self.path}: tensor {name} rows ({dims[0]}) are not whole {qtype.name} blocks")
-            n = int(np.prod(dims, dtype=np.int64))
+            if name in self.tensors:
+                raise ValueError(f"tensor {name!r} appears twice")
+            if not all(0 < d <= self.size * block for d in dims):  # each element takes some bits of the file
+                raise ValueError(f"tensor {name!r} has dimensions {dims}, impossible in a {self.size:,}-byte file")
+            if dims[0] % block:
+                raise EdgeError(
+                    f"{self.path}: tensor {name} rows ({dims[0]}) are not whole {qtype.name} blocks",
+                    hint=_CORRUPT_HINT,
+                )
+            if rel % align:
+                raise ValueError(f"tensor {name!r} starts at offset {rel}, not a multiple of the alignment {align}")
+            n = 1
+            for d in dims:  # Python ints: numpy's int64 product wrapped around on absurd dims
+                n *= d
             shape = tuple(int(d) for d in reversed(dims))
             self.tensors[name] = TensorInfo(name, qtype, shape, self.data_offset + rel, n // block * type_size)
 
@@ -265,7 +325,7 @@ class GGUFFile:
 
     def _info(self, name: str) -> TensorInfo:
         if name not in self.tensors:
-            raise EdgeError(f"{self.path} has no tensor {name!r}")
+            raise EdgeError(f"{self.path} has no tensor {name!r}", hint="is this a Gemma text model's GGUF?")
         return self.tensors[name]
 
     def __repr__(self) -> str:
@@ -325,50 +385,77 @@ def config_from_gguf(f: GGUFFile) -> GemmaConfig:
             raise EdgeError(f"{f.path} lacks the metadata key {full}", hint="the GGUF is incomplete; re-convert it")
         return default
 
-    def per_layer(name: str) -> int:
+    def per_layer(name: str, limit: str) -> int:
         # Some converters write per-layer arrays; one value for every layer is all we support.
         v = key(name)
         if isinstance(v, np.ndarray | list):
-            values = {int(x) for x in v}
+            values = {_whole(f, f"{arch}.{name}", x, INT_LIMITS[limit]) for x in v}
             if len(values) != 1:
-                raise EdgeError(f"{f.path}: {arch}.{name} varies per layer ({sorted(values)}), which is unsupported")
+                raise EdgeError(
+                    f"{f.path}: {arch}.{name} varies per layer ({sorted(values)[:8]}), which is unsupported",
+                    hint="only models with the same value in every layer (every Gemma) load",
+                )
             return values.pop()
-        return int(v)
+        return _whole(f, f"{arch}.{name}", v, INT_LIMITS[limit])
+
+    def whole(name: str, limit: str | None, default: Any = _REQUIRED, lo: int = 1) -> int:
+        return _whole(f, f"{arch}.{name}", key(name, default), INT_LIMITS.get(limit, 1 << 31), lo)
+
+    def real(name: str, default: Any = _REQUIRED) -> float | None:
+        v = key(name, default)
+        return None if v is None else _real(f, f"{arch}.{name}", v)
 
     scaling = key("rope.scaling.type", "none")
-    factor = float(key("rope.scaling.factor", 1.0))
+    if not isinstance(scaling, str):
+        raise EdgeError(f"{f.path}: {arch}.rope.scaling.type is {_show(scaling)}, not a string", hint=CONFIG_HINT)
+    factor = real("rope.scaling.factor", 1.0)
     if scaling != "none" or factor != 1.0:
         raise EdgeError(
-            f"{f.path} uses rope scaling ({scaling}, factor {factor}), which GemmaConfig cannot express yet",
+            f"{f.path} uses rope scaling ({_show(scaling)}, factor {factor}), which GemmaConfig cannot express yet",
             hint="the models without rope scaling (Gemma 3 270M and 1B, Gemma 1/2) load",
         )
 
-    n_layers = int(key("block_count"))
-    dim = int(key("embedding_length"))
-    n_heads = per_layer("attention.head_count")
-    head_dim = int(key("attention.key_length", dim // n_heads))
-    value_dim = int(key("attention.value_length", head_dim))
+    # The sizes are checked against INT_LIMITS as they are read: the per-layer tables below are
+    # built from them before GemmaConfig would see them.
+    n_layers = whole("block_count", "n_layers")
+    dim = whole("embedding_length", "dim")
+    n_heads = per_layer("attention.head_count", "n_heads")
+    head_dim = whole("attention.key_length", "head_dim", dim // n_heads)
+    value_dim = whole("attention.value_length", "head_dim", head_dim)
     if value_dim != head_dim:
-        raise EdgeError(f"{f.path}: key length {head_dim} != value length {value_dim}, which Gemma never has")
+        raise EdgeError(
+            f"{f.path}: key length {head_dim} != value length {value_dim}, which Gemma never has",
+            hint="is this a Gemma GGUF? Its attention keys and values have the same length",
+        )
     tokens = f.metadata.get("tokenizer.ggml.tokens")
     if tokens is not None:
+        if not isinstance(tokens, list):
+            raise EdgeError(
+                f"{f.path}: tokenizer.ggml.tokens is {_show(tokens)}, not a list of strings", hint=_CORRUPT_HINT
+            )
         vocab = len(tokens)
     elif "token_embd.weight" in f.tensors:
         vocab = f.tensors["token_embd.weight"].shape[0]
     else:
         raise EdgeError(f"{f.path} has neither a token list nor token_embd.weight", hint="the GGUF is incomplete")
 
-    theta = float(key("rope.freq_base", 10_000.0))
-    window = int(key("attention.sliding_window")) if facts.has_window else None
+    theta = real("rope.freq_base", 10_000.0)
+    window = whole("attention.sliding_window", "sliding_window") if facts.has_window else None
     pattern = key("attention.sliding_window_pattern", None)
     if not facts.has_window:
         layer_types = (False,) * n_layers
     elif pattern is None:
         layer_types = facts.layer_types(n_layers)
     elif isinstance(pattern, np.ndarray | list):  # one bool per layer, True = sliding
+        if len(pattern) != n_layers or not all(isinstance(x, bool | np.bool_) for x in pattern):
+            raise EdgeError(
+                f"{f.path}: {arch}.attention.sliding_window_pattern is {_show(pattern)}, not one true/false for each"
+                f" of its {n_layers} layers",
+                hint=_CORRUPT_HINT,
+            )
         layer_types = tuple(bool(x) for x in pattern)
     else:  # every pattern-th layer is global (llama.cpp's set_swa_pattern)
-        p = int(pattern)
+        p = _whole(f, f"{arch}.attention.sliding_window_pattern", pattern, INT_LIMITS["n_layers"], lo=0)
         layer_types = tuple(p == 0 or i % p < p - 1 for i in range(n_layers))
     family = facts.family
     if family == Family.GEMMA1:
@@ -377,36 +464,67 @@ def config_from_gguf(f: GGUFFile) -> GemmaConfig:
         scalar = float(dim // n_heads)
     else:
         scalar = float(head_dim)
-    attn_cap = key("attn_logit_softcapping", facts.attn_softcap)
-    final_cap = key("final_logit_softcapping", facts.final_softcap)
-    local_theta = key("rope.freq_base_swa", facts.local_theta if facts.local_theta is not None else theta)
+    attn_cap = real("attn_logit_softcapping", facts.attn_softcap)
+    final_cap = real("final_logit_softcapping", facts.final_softcap)
+    local_theta = real("rope.freq_base_swa", facts.local_theta if facts.local_theta is not None else theta)
 
     meta = f.metadata
-    return GemmaConfig(
-        family=family,
-        vocab_size=vocab,
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=per_layer("attention.head_count_kv") if f"{arch}.attention.head_count_kv" in meta else n_heads,
-        head_dim=head_dim,
-        hidden_dim=per_layer("feed_forward_length"),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        query_pre_attn_scalar=scalar,
-        rope_theta=theta,
-        rope_local_theta=float(local_theta),
-        sliding_window=window,
-        layer_types=layer_types,
-        attn_softcap=None if attn_cap is None else float(attn_cap),
-        final_softcap=None if final_cap is None else float(final_cap),
-        post_norms=facts.post_norms,
-        qk_norm=facts.qk_norm,
-        tie_embeddings="output.weight" not in f.tensors,
-        max_position=int(key("context_length", 8192)),
-        bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
-        eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
-        pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)),
-    )
+
+    def token_id(name: str, default: int) -> int:
+        return _whole(f, name, meta.get(name, default), INT_LIMITS["vocab_size"], lo=0)
+
+    try:
+        return GemmaConfig(
+            family=family,
+            vocab_size=vocab,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=per_layer("attention.head_count_kv", "n_kv_heads")
+            if f"{arch}.attention.head_count_kv" in meta
+            else n_heads,
+            head_dim=head_dim,
+            hidden_dim=per_layer("feed_forward_length", "hidden_dim"),
+            norm_eps=real("attention.layer_norm_rms_epsilon", 1e-6),
+            query_pre_attn_scalar=scalar,
+            rope_theta=theta,
+            rope_local_theta=local_theta,
+            sliding_window=window,
+            layer_types=layer_types,
+            attn_softcap=attn_cap,
+            final_softcap=final_cap,
+            post_norms=facts.post_norms,
+            qk_norm=facts.qk_norm,
+            tie_embeddings="output.weight" not in f.tensors,
+            max_position=whole("context_length", "max_position", 8192),
+            bos_id=token_id("tokenizer.ggml.bos_token_id", 2),
+            eos_id=token_id("tokenizer.ggml.eos_token_id", 1),
+            pad_id=token_id("tokenizer.ggml.padding_token_id", 0),
+        )
+    except EdgeError as e:  # GemmaConfig's own checks (token ids in range, heads divide): name the file
+        raise EdgeError(f"{f.path}: {e.message}", hint=e.hint) from None
+
+
+def _show(v: object) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _whole(f: GGUFFile, key: str, v: Any, hi: int, lo: int = 1) -> int:
+    """A metadata value that must be a whole number in lo..hi (a GGUF integer type, not bool/float/string)."""
+    if isinstance(v, np.ndarray) and v.shape == ():
+        v = v.item()
+    if not isinstance(v, int | np.integer) or isinstance(v, bool | np.bool_) or not lo <= v <= hi:
+        raise EdgeError(f"{f.path}: {key} is {_show(v)}, not a whole number from {lo} to {hi:,}", hint=CONFIG_HINT)
+    return int(v)
+
+
+def _real(f: GGUFFile, key: str, v: Any) -> float:
+    """A metadata value that must be a finite number (an integer or float type)."""
+    if isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool | np.bool_):
+        if np.isfinite(v):
+            return float(v)
+    raise EdgeError(f"{f.path}: {key} is {_show(v)}, not a finite number", hint=CONFIG_HINT)
 
 
 # --- GGUF names -> our names -------------------------------------------------------------------
