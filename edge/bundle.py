@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edge.errors import EdgeError
+from edge.paths import expand
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -208,7 +209,7 @@ def load(bundle: str | Path) -> dict:
     folder holds exactly those files and the manifest (no symlinks, nothing unlisted); every file's
     size and sha256 match.
     """
-    path = Path(bundle).expanduser()
+    path = expand(bundle, "bundle")
     mf = path / MANIFEST
     if not path.is_dir():
         raise EdgeError(f"{path} is not a folder", hint="give the folder that `edge export` wrote")

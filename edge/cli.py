@@ -75,6 +75,9 @@ def generate(
     """Generate text, streamed to the terminal (greedy by default)."""
     from edge import api
     from edge.generation import SamplingConfig
+    from edge.paths import utf8_text
+
+    utf8_text(prompt, "--prompt")  # before the weights load
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
@@ -350,7 +353,11 @@ def main() -> None:
         ctx = getattr(e, "ctx", None)
         typer.echo(f"hint: `{ctx.command_path if ctx else 'edge'} --help` lists the options", err=True)
         sys.exit(2)
-    except (KeyboardInterrupt, Abort):
+    except (KeyboardInterrupt, Abort) as e:
+        if isinstance(e.__cause__, EOFError):  # Click turns an EOFError from a reader into Abort
+            typer.echo(f"error: a file ended before its data did ({e.__cause__})", err=True)
+            typer.echo("hint: a file given to this command is empty or cut short; check it or write it anew", err=True)
+            sys.exit(2)
         typer.echo("interrupted", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

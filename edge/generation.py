@@ -65,6 +65,9 @@ def pick(logits: np.ndarray, sampling: SamplingConfig, rng: np.random.Generator)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
+    from edge.paths import utf8_text
+
+    prompt = utf8_text(prompt, "the prompt")
     text = tokenizer.chat_prompt(prompt) if chat else prompt
     return tokenizer.encode(text, bos=True)
 

@@ -225,3 +225,27 @@ def check_lowering_adds_only_noise(prompts, model, runner, scheme, label: str, f
     assert kld < max(scheme.lowering_max_kld, 3 * noise), (kld, noise)
     assert excess.mean() <= max(noise, 3 * stderr), (ref, excess.mean(), noise, stderr)
     assert eager_right - artifact_right <= 2 * (artifact_right + eager_right) ** 0.5 + 1, (artifact_right, eager_right)
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`edge ARGS` in this process (no second interpreter, no second torch import): exit code, stdout,
+    stderr. The SIGTERM handler main() installs is put back."""
+    import contextlib
+    import io
+    import signal
+
+    from edge.cli import main
+
+    out, err, handler, argv = io.StringIO(), io.StringIO(), signal.getsignal(signal.SIGTERM), sys.argv
+    sys.argv = ["edge", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, handler)
+    return code, out.getvalue(), err.getvalue()

