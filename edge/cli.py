@@ -142,7 +142,10 @@ def export(
 ) -> None:
     """Quantize, lower and write a verified bundle (artifact, tokenizer, manifest, golden logits)."""
     from edge import api
+    from edge.paths import out_folder
 
+    if out is not None:
+        out = out_folder(out)  # `.`, `..`, the current folder: refused now, not at the final rename
     manifest = api.export(
         variant=variant,
         target=target,
@@ -258,10 +261,16 @@ def validate(
 
     Exit 0: within the scheme's band, or measured only (the scheme has no band, or --stages left the
     artifact out); 1: outside it, NaN logits or a failed probe; 2: bad input (including a modified bundle)."""
+    from edge.paths import readable_file, writable_file
     from edge.progress import say
     from edge.validate.run import validate as run_validate
 
     chosen = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    # The files named here are checked before the stages run: a bad one is exit 2 now, not after minutes.
+    if device_logits is not None:
+        device_logits = readable_file(device_logits, "--device-logits")
+    if dump_logits is not None:
+        dump_logits = writable_file(dump_logits, "--dump-logits")
     if report:
         from edge.validate.report import prepare_dir, write_report
 

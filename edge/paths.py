@@ -26,12 +26,12 @@ def readable_file(path: str | Path, what: str) -> Path:
     p = expand(path, what)
     hint = f"give {what} the path of an existing file"
     if not p.is_file():
-        raise EdgeError(f"{what} {p}: no such file" + (" (it is a folder)" if p.is_dir() else ""), hint=hint)
+        raise EdgeError(f"cannot read {what} {p}: " + ("it is a folder" if p.is_dir() else "no such file"), hint=hint)
     try:
         with open(p, "rb"):
             pass
     except OSError as e:
-        raise EdgeError(f"{what} {p}: cannot be read ({e.strerror or e})", hint=hint) from None
+        raise EdgeError(f"cannot read {what} {p}: {e.strerror or e}", hint=hint) from None
     return p
 
 
