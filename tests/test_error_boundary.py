@@ -114,6 +114,13 @@ def test_a_tokenizer_with_a_matching_hash_but_bad_content(bundle, tmp_path):
     assert "tokenizer.model" in e.value.message and e.value.hint
 
 
+def test_an_empty_tokenizer_model(tmp_path):
+    """Found by tests/test_fuzz.py: SentencePiece loads empty bytes, then raised RuntimeError on encode."""
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    with pytest.raises(EdgeError, match="holds no pieces"):
+        Tokenizer(tmp_path / "tokenizer.model").encode("x")
+
+
 @pytest.mark.parametrize(
     "raw, needle",
     [

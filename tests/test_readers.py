@@ -176,6 +176,8 @@ def _rewrite_safetensors(folder, header, data):
         (lambda h, d: ({**h, "x": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, d), "dtype 'F99'"),
         (lambda h, d: ({**h, "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, d), "do not fill"),
         (lambda h, d: ({**h, "x": [1]}, d), "is not an object"),
+        # found by tests/test_fuzz.py: a list as dtype was a TypeError (unhashable) in the check itself
+        (lambda h, d: ({**h, "x": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, d), "dtype ['F32']"),
         (lambda h, d: ([1], d), "not a JSON object"),
     ],
 )

@@ -195,6 +195,8 @@ class Tokenizer:
         proto = pb.ModelProto()
         try:
             proto.ParseFromString(self.model_bytes)
+            if not proto.pieces:  # SentencePiece "loads" empty bytes, then fails on the first encode
+                raise ValueError("it holds no pieces")
             self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
         except Exception as e:  # protobuf's DecodeError / SentencePiece's RuntimeError
             raise EdgeError(f"{where}not a SentencePiece model: {e}", hint="give a tokenizer.model file") from e

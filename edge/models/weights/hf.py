@@ -235,7 +235,7 @@ def check_safetensors_header(path: Path) -> dict:
         if not isinstance(info, dict):
             raise bad(f"the entry for {name!r} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _ST_DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPE_BYTES:
             raise bad(f"{name!r} has dtype {dtype!r}")
         if (
             not isinstance(shape, list)
