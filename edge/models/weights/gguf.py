@@ -222,8 +222,8 @@ class GGUFFile:
         n_kv = cur.u64()
         if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_BYTES > cur.left():
             raise EdgeError(
-                f"{self.path}: its header claims {n_kv:,} metadata entries and {n_tensors:,} tensors, more than "
-                f"its {self.size:,} bytes can hold",
+                f"{self.path} is truncated or damaged: its header claims {n_kv:,} metadata entries and"
+                f" {n_tensors:,} tensors, more than its {self.size:,} bytes can hold",
                 hint=_CORRUPT_HINT,
             )
         self.metadata: dict[str, Any] = {}
