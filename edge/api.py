@@ -277,12 +277,15 @@ def export(
     force: bool = False,
     on_quantized=None,
     max_kld: float | None = None,
+    use_cache: bool = True,
 ) -> dict:
     """load -> golden (fp32 reference) -> quantize -> export -> lower -> serialize -> bundle. Returns the manifest.
 
     on_quantized: called with the quantized eager model (the `quantized` stage) before it is lowered, for
     callers that compare the artifact with it (tests, benchmarks) without quantizing a second time.
     max_kld: with quant="auto", the mean KLD budget on held-out text (default: the int4 band).
+    use_cache: take the quantized tensors from the quantization cache when the same weights were quantized
+    the same way before, and store them otherwise (edge/quant/cache.py); `auto` is never cached.
     """
     import psutil
 
@@ -337,7 +340,8 @@ def export(
 
     from edge.models.loading import load_weights
     from edge.models.tokenizer import CHAT_TEMPLATE
-    from edge.quant.apply import calibration, quantize_model
+    from edge.quant import cache as quant_cache
+    from edge.quant.apply import calibration
     from edge.quant.transcode import grids_for
     from edge.validate import golden as golden_mod
 
@@ -359,7 +363,8 @@ def export(
             if auto:
                 model, scheme, coverage, auto_record = auto_mod.choose(model, calib, grids, budget, progress=counter)
             else:
-                coverage = quantize_model(model, scheme, calib, progress=counter, grids=grids)
+                identity = quant_cache.source_identity(loaded.source, loaded.config.to_dict())
+                coverage = quant_cache.quantize(model, scheme, calib, grids, identity, counter, use_cache, say)
             del grids
         impl = plan.backend.impl()
         tok = loaded.tokenizer

@@ -26,6 +26,9 @@ WeightsOpt = Annotated[
 RandomOpt = Annotated[bool, typer.Option("--random-weights", help="Seeded random weights (structure and size tests).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for --random-weights and for sampling.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
+NoCacheOpt = Annotated[
+    bool, typer.Option("--no-cache", help="Quantize afresh: neither read nor write the quantization cache.")
+]
 
 
 def _print_json(obj: object) -> None:
@@ -138,6 +141,7 @@ def export(
     max_seq_len: Annotated[int, typer.Option("--max-seq-len", help="KV cache length of the artifact.")] = 1024,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Bundle folder (default exports/<...>).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+    no_cache: NoCacheOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Quantize, lower and write a verified bundle (artifact, tokenizer, manifest, golden logits)."""
@@ -158,6 +162,7 @@ def export(
         out=out,
         force=force,
         max_kld=max_kld,
+        use_cache=not no_cache,
     )
     if as_json:
         _print_json(manifest)
@@ -238,6 +243,34 @@ def doctor(as_json: JsonOpt = False) -> None:
         typer.echo(f"  {name:<28} {'ok' if b['available'] else 'missing: ' + b['install']}")
 
 
+cache_app = typer.Typer(help="The quantization cache: quantized tensors reused by later exports and validations.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(as_json: JsonOpt = False) -> None:
+    """List the cached quantizations: key, scheme, source, size."""
+    from edge.quant import cache
+
+    rows = cache.entries()
+    if as_json:
+        _print_json({"path": str(cache.root()), "entries": rows})
+        return
+    typer.echo(f"{cache.root()}  ({len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.0f} MB)")
+    for r in rows:
+        what = "unreadable entry" if r.get("broken") else f"{r['scheme']:<10} {r['source']}"
+        typer.echo(f"  {r['key']}  {what:<22} {r['bytes'] / 1e6:8.1f} MB")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every cached quantization (the next export of each quantizes again)."""
+    from edge.quant import cache
+
+    n, size = cache.clear()
+    typer.echo(f"removed {n} entries ({size / 1e6:.0f} MB) from {cache.root()}")
+
+
 @app.command()
 def validate(
     bundle: Annotated[Path, typer.Argument(help="A bundle folder written by `edge export`.")],
@@ -255,6 +288,7 @@ def validate(
     report: Annotated[
         Path | None, typer.Option("--report", help="Also write DIR/report.json and a self-contained DIR/report.html.")
     ] = None,
+    no_cache: NoCacheOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare every stage's logits with the fp32 reference; name the stage that lost accuracy.
@@ -275,7 +309,7 @@ def validate(
         from edge.validate.report import prepare_dir, write_report
 
         prepare_dir(report)  # an unwritable folder is exit 2 before minutes of validation, not after
-    result = run_validate(bundle, chosen, device_logits, dump_logits, threads, say=say)
+    result = run_validate(bundle, chosen, device_logits, dump_logits, threads, say=say, use_cache=not no_cache)
     if as_json:
         _print_json(result)
     else:

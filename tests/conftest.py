@@ -1,6 +1,9 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +12,10 @@ from edge import api
 from edge.models.config import Family, GemmaConfig, gemma2_layer_types, gemma3_layer_types
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The tests' quantizations stay out of the user's cache (edge/quant/cache.py), one folder per process.
+_QUANT_CACHE = tempfile.mkdtemp(prefix="edge-quant-cache-")
+os.environ.setdefault("EDGE_QUANT_CACHE", _QUANT_CACHE)
+atexit.register(shutil.rmtree, _QUANT_CACHE, True)
 torch.set_grad_enabled(False)
 
 # `make test` runs two pytest-xdist workers: every file is a unit of its own, run whole by one worker,

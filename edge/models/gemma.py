@@ -269,7 +269,9 @@ class Gemma(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         self.max_seq_len = max_seq_len
         for layer in self.layers:
-            layer.attn.cache = KVCache(max_batch, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype)
+            cache = KVCache(max_batch, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype)
+            # in the model's mode: a new module trains, and the mode is part of what torch.export records
+            layer.attn.cache = cache.train(self.training)
         for m in self.modules():
             for name, value in getattr(m, "constants", dict)().items():
                 m.register_buffer(name, value, persistent=False)

@@ -114,6 +114,7 @@ def quantize_model(
     grids: dict | None = None,
     smoothed: dict | None = None,
     sampled: list[list[int]] | None = None,
+    skeleton: bool = False,
 ) -> list[dict]:
     """Quantize in place; returns the coverage report. The fp32 weights are freed as they are replaced.
 
@@ -125,6 +126,9 @@ def quantize_model(
     smoothed: fold_smoothing()'s report when `model` already holds the scheme's SmoothQuant scales
     (`--quant auto` folds them once for all its candidates: they depend on none of its choices).
     sampled: the scheme's gptq_samples sequences, already sampled from the fp32 model (auto samples once).
+    skeleton: only the structure, in seconds: the same modules and tensor formats with placeholder values
+    (no calibration, no SmoothQuant, round-to-nearest where GPTQ would round), for edge/quant/cache.py
+    to fill with a cached quantization's tensors. Its coverage report lacks the calibrated details.
     """
     coverage = plan(model, scheme)
     if not scheme.quantized:
@@ -141,7 +145,8 @@ def quantize_model(
     exact = transcodable(scheme, coverage, grids)
     todo = {r["name"] for r in coverage if r["scheme"] != "fp32"} - exact
     gptq_calib = calib
-    if scheme.gptq_samples and calib and _gptq_names(scheme, todo, coverage):  # sampled from the fp32 model
+    sample = scheme.gptq_samples and calib and not skeleton
+    if sample and _gptq_names(scheme, todo, coverage):  # sampled from the fp32 model
         from edge.quant.sample import sample_sequences
 
         if sampled is None:
@@ -149,7 +154,7 @@ def quantize_model(
             sampled = sample_sequences(model, calib[0][0], scheme.gptq_samples, progress=progress and progress(label))
         gptq_calib = list(calib) + sampled
 
-    if scheme.smooth:
+    if scheme.smooth and not skeleton:
         report = smoothed if smoothed is not None else fold_smoothing(model, scheme, calib, grids, progress)
         group_sites = _group_sites(exact, grids)
         head_s = report.get("lm_head", {}).get("s")
@@ -182,7 +187,9 @@ def quantize_model(
         uses = lambda m, n, q=q: isinstance(m, nn.Linear) and _owner(n) in todo and scheme.quant_for(_owner(n)) == q  # noqa: E731
         quantize_(model, _torchao_config(_as_realized(q), False), filter_fn=uses)
     gptq = _gptq_names(scheme, todo, coverage)  # todo as _split_grouped_int8 left it
-    if gptq:  # last: each layer is rounded on what the quantized layers before it produce
+    if gptq and skeleton:
+        _install_rtn(model, scheme, gptq)
+    elif gptq:  # last: each layer is rounded on what the quantized layers before it produce
         if not calib:
             raise ValueError(f"scheme {scheme.name!r} rounds with GPTQ: pass calibration token ids")
         _gptq(model, scheme, gptq, gptq_calib, rows, progress and progress("GPTQ layers"))
@@ -292,6 +299,19 @@ def _gptq(model: nn.Module, scheme: Scheme, names: list[str], calib, rows: dict[
 
     clip = gptq.CLIP if scheme.gptq_scale_search else (1.0,)
     gptq_layers(model, names, calib, install, bits_group, progress=progress, clip=clip)
+
+
+def _install_rtn(model: nn.Module, scheme: Scheme, names: list[str]) -> None:
+    """GPTQ's linears in the format GPTQ installs (custom scales, zero points 0), rounded to nearest."""
+    for name in names:
+        wq, mod = scheme.quant_for(name), model.get_submodule(name)
+        out_f, in_f = mod.weight.shape
+        g, qmax = wq.group or in_f, 2 ** (wq.bits - 1) - 1
+        w = mod.weight.detach().reshape(out_f, -1, g)
+        s = (w.abs().amax(-1) / qmax).clamp(min=1e-12)
+        q = torch.clamp(torch.round(w / s[..., None]), -qmax - 1, qmax)
+        mod.weight = nn.Parameter((q * s[..., None]).reshape(out_f, in_f), requires_grad=False)
+        install_intx(mod, wq.bits, wq.group, s, wq.act)
 
 
 def install_intx(

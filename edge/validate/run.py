@@ -178,6 +178,7 @@ def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
         return fn
     model = loaded.build(manifest["max_seq_len"])
     if stage == "quantized":
+        from edge.quant import cache as quant_cache
         from edge.quant.apply import calibration, quantize_model
         from edge.quant.schemes import Scheme, get_scheme
         from edge.quant.transcode import grids_for
@@ -189,7 +190,12 @@ def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
             scheme = get_scheme(recorded["name"])
             _check_same_scheme(recorded, scheme)
         calib = calibration(loaded.tokenizer, loaded.config.vocab_size) if scheme.calibrated else None
-        quantize_model(model, scheme, calib, grids=grids_for(loaded, scheme))
+        if recorded["name"] == "auto":
+            quantize_model(model, scheme, calib, grids=grids_for(loaded, scheme))
+        else:  # the export's quantization, when this machine made it (edge/quant/cache.py)
+            identity = quant_cache.source_identity(loaded.source, loaded.config.to_dict())
+            grids = grids_for(loaded, scheme)
+            quant_cache.quantize(model, scheme, calib, grids, identity, use_cache=host["use_cache"], say=host["say"])
     return st.eager_logits(model)
 
 
@@ -237,7 +243,10 @@ def validate(
     dump_logits: str | Path | None = None,
     threads: int | None = None,
     say=lambda msg: None,
+    use_cache: bool = True,
 ) -> dict:
+    """use_cache: the quantized stage takes the export's quantization from the quantization cache
+    (edge/quant/cache.py) when this machine made it, instead of quantizing again."""
     from edge import bundle as bundle_mod
     from edge.targets import BACKENDS
     from edge.validate import golden
@@ -284,7 +293,7 @@ def validate(
 
     results: dict[str, dict] = {}
     before: tuple[str, dict] | None = None  # the previous stage and its Observed (vs_previous)
-    host: dict = {}
+    host: dict = {"use_cache": use_cache, "say": say}
     cap = manifest["arch"].get("final_softcap")
     what = {
         "scheme": manifest["quant"]["scheme"]["name"],
