@@ -1,10 +1,13 @@
 """One scheme on the 270M, eager (no lowering), vs fp32 on the golden prompts: a lever's effect in minutes.
 
-    .venv/bin/python benchmarks/eager_scheme.py [--quant int4] [--clip 1.0] [--gptq-samples N] [--json out.json]
+    .venv/bin/python benchmarks/eager_scheme.py [--quant int4] [--clip 1.0] [--gptq-samples N]
+        [--set FIELD=VALUE ...] [--json out.json]
 
 --clip 1.0 turns GPTQ's scale search off (edge/quant/gptq.py CLIP: the absmax scale only) for a
 scheme with gptq_scale_search;
---gptq-samples overrides the scheme's count of sequences sampled from the model for GPTQ.
+--gptq-samples overrides the scheme's count of sequences sampled from the model for GPTQ;
+--set overrides any Scheme field with a Python literal (e.g. source_act_slice=None,
+act_residual_only="('mlp.down',)").
 Prints the mean KLD and top-1 that `edge validate` reports for the quantized stage (same code:
 edge.validate.stages.evaluate), and the seconds taken.
 """
@@ -12,6 +15,7 @@ edge.validate.stages.evaluate), and the seconds taken.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import time
@@ -34,6 +38,8 @@ def main() -> None:
     ap.add_argument("--quant", default="int4")
     ap.add_argument("--clip", help="comma-separated scale shrinks GPTQ may pick from (default: gptq.CLIP)")
     ap.add_argument("--gptq-samples", type=int, help="sequences sampled from the model for GPTQ's Hessians")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a Scheme field with a Python literal (repeatable)")
     ap.add_argument("--json", help="append the result as one JSON line here")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -47,6 +53,8 @@ def main() -> None:
     scheme = get_scheme(args.quant)
     if args.gptq_samples is not None:
         scheme = dataclasses.replace(scheme, gptq_samples=args.gptq_samples)
+    overrides = {k: ast.literal_eval(v) for k, _, v in (s.partition("=") for s in args.set)}
+    scheme = dataclasses.replace(scheme, **overrides)
     calib = calibration(loaded.tokenizer, v.config.vocab_size) if scheme.calibrated else None
     quantize_model(model, scheme, calib, progress=counter, grids=grids_for(loaded, scheme))
     r = evaluate(prompts, eager_logits(model), window=512)["overall"]
@@ -54,6 +62,7 @@ def main() -> None:
         "quant": scheme.name,
         "clip": list(gptq.CLIP) if scheme.gptq_scale_search else [1.0],
         "gptq_samples": scheme.gptq_samples,
+        "set": {k: repr(v) for k, v in overrides.items()},
         "mean_kld": r["mean_kld"],
         "top1": r["top1"],
         "seconds": round(time.time() - t0, 1),
