@@ -90,6 +90,15 @@ def test_int4_fits_in_the_ggufs_size(bundles):
     assert size <= embedded_gguf().stat().st_size, size
 
 
+def test_int4_crosses_about_one_delegate_call_per_layer(bundles):
+    """Each kernel outside XNNPACK between two delegated ops costs a call (docs/speed.md): the cache
+    writes need one per layer; activation slices (slice_copy of a dynamic-shape input) cost 27 more."""
+    d = bundles["int4"]["delegation"]
+    layers = bundles["int4"]["arch"]["n_layers"]
+    assert d["delegate_calls"] <= layers + 3, d
+    assert not [op for op in d["ops_outside_delegate"] if "slice_copy" in op], d
+
+
 # CI (`make test`) runs the android default, int4; `make test-full` adds int8 (another export).
 BOTH = [pytest.param("int8", marks=pytest.mark.full), "int4"]
 

@@ -82,8 +82,9 @@ class Scheme:
     source_planes: bool = False
     # ... with their dynamic int8 activations scaled per slice of this many inputs rather than per
     # whole row (the main 8da4w linear split by columns, edge/quant/split.py): no bytes added, the
-    # group scales are the same. Measured on the 270M int4, eager: KLD 0.0222 / top-1 91.2% per row,
-    # 0.0215 / 92.4% in slices of 512, 0.0213 / 92.2% of 256.
+    # group scales are the same. Each slice of a dynamic-shape input is a kernel outside XNNPACK that
+    # cuts the graph (docs/speed.md): int4 takes ActResidual on mlp.down instead, which the slices
+    # bought little on top of.
     source_act_slice: int | None = None
     # The Q4_K linears' per-group offsets (OffsetLinear) in int8 per output row instead of fp32: a
     # quarter of the bytes (2.1 MB on the 270M) for one int8 rounding of each offset.
@@ -227,7 +228,6 @@ SCHEMES: dict[str, Scheme] = {
             ),
             shared_table=True,
             source_grids=True,
-            source_act_slice=512,
             int8_offsets=True,
             act_residual=True,
             # Eager on the 270M, golden prompts vs fp32 (mean KLD / top-1): the residual on all 154 dynamic
