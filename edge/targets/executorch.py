@@ -415,12 +415,47 @@ def compact_dependency_viewers() -> Iterator[None]:
         fx_partitioner._DependencyViewer, group_partitioner._DependencyViewer = saved
 
 
+# XNNPACK passes that rewrite one kind of operator only, and that operator: a pass whose operator is not
+# in the graph returns it unchanged, yet each retraces the whole program (ExportPass over fake tensors,
+# ~6-8 s apiece on the 270M int4: py-spy on `edge export`, docs/export-cost.md).
+_PASS_NEEDS = {
+    "ConvertToUpsampleBilinear2d": ("upsample_bilinear2d",),
+    "FuseBatchNormPass": ("batch_norm",),
+    "DecomposeBatchNorm": ("batch_norm",),
+    "Conv1dUnsqueezePass": ("convolution",),
+    "PReLUReshapePass": ("prelu",),
+}
+
+
+@contextmanager
+def xnnpack_passes_for_the_graph() -> Iterator[None]:
+    """XnnpackBackend.preprocess runs every pass of XNNPACKPassManager's default list on each partition;
+    while lowering, the passes whose operator the partition lacks are left out (the same program)."""
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    init = XNNPACKPassManager.__init__
+
+    def only_needed(self, exported_program, passes=None) -> None:
+        init(self, exported_program, passes)
+        if passes:  # a list the caller chose is run as given
+            return
+        ops = {str(n.target) for n in exported_program.graph.nodes if n.op == "call_function"}
+        needed = lambda p: any(k in op for k in _PASS_NEEDS.get(p.__name__, ("",)) for op in ops)  # noqa: E731
+        self.passes = [p for p in self.passes if p.__name__ not in _PASS_NEEDS or needed(p)]
+
+    XNNPACKPassManager.__init__ = only_needed
+    try:
+        yield
+    finally:
+        XNNPACKPassManager.__init__ = init
+
+
 def _lower(ep, backend: Backend, meta: dict | None = None):
     import executorch.kernels.quantized  # noqa: F401  (out variants of quantized_decomposed::embedding_*)
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     def lower(checked: bool):
-        with compact_dependency_viewers():
+        with compact_dependency_viewers(), xnnpack_passes_for_the_graph():
             return to_edge_transform_and_lower(
                 ep,
                 transform_passes=[infer_symbolic_view_dims],

@@ -1,0 +1,46 @@
+"""Lowering leaves out the XNNPACK passes whose operator a partition lacks (edge/targets/executorch.py)."""
+
+import contextlib
+
+import torch
+from test_export_executorch import lower, tiny_model
+from torch import nn
+
+from conftest import random_calibration
+from edge.quant.apply import quantize_model
+from edge.quant.schemes import SCHEMES
+from edge.targets import BACKENDS
+from edge.targets import executorch as et
+
+
+def test_the_program_is_the_same_without_the_passes_it_does_not_need(tmp_path, monkeypatch):
+    model = tiny_model(n_kv_heads=2, seed=3)
+    quantize_model(model, SCHEMES["int4"], random_calibration(256))
+    _, fast = lower(model, tmp_path, "fast.pte")
+    monkeypatch.setattr(et, "xnnpack_passes_for_the_graph", contextlib.nullcontext)  # every pass
+    _, full = lower(model, tmp_path, "full.pte")
+    assert fast.program == full.program
+
+
+def test_a_pass_whose_operator_is_there_still_runs(monkeypatch):
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    ran = []
+    transform = XNNPACKPassManager.transform
+
+    def spy(self):
+        ran.extend(p.__name__ for p in self.passes)
+        return transform(self)
+
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 8, 3)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x))
+
+    monkeypatch.setattr(XNNPACKPassManager, "transform", spy)  # the passes as the filter left them
+    et.lower_module(Conv().eval(), (torch.randn(1, 4, 16),), BACKENDS["xnnpack"])
+    assert "Conv1dUnsqueezePass" in ran and "FuseActivationPass" in ran
+    assert "PReLUReshapePass" not in ran and "DecomposeBatchNorm" not in ran
