@@ -117,20 +117,31 @@ def test_impossible_requests_exit_2_before_work(args, needle, tmp_path):
     assert time.time() - t0 < 60  # refused before loading anything (generous for a loaded machine)
 
 
-def test_killed_export_leaves_no_bundle(tmp_path):
+STAGES = ("[load]", "[golden]", "[quantize]", "[export]", "[lower]", "[serialize]")
+
+
+def test_an_export_killed_at_any_stage_leaves_no_bundle_and_the_next_run_cleans_up(tmp_path):
+    """SIGKILL (no handler runs) at the start of each stage in turn: never a folder with a manifest at
+    --out, and the next export, same arguments, succeeds and removes the dead runs' work folders."""
     out = tmp_path / "killed"
     export = f"api.export('tiny-test', 'linux', random_weights=True, max_seq_len=64, out={str(out)!r})"
     code = f"{REGISTER}; from edge import api; {export}"
-    p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-    for line in p.stderr:  # kill it in the middle: once lowering has started
-        if line.startswith("[lower]"):
-            p.send_signal(signal.SIGKILL)
-            break
-    p.wait()
-    assert p.returncode == -signal.SIGKILL
-    assert not out.exists()  # nothing at --out: the partial folder is hidden and has no manifest
-    partial = [d for d in tmp_path.iterdir() if d.name.startswith(".killed.partial-")]
-    assert all(not (d / "manifest.json").exists() for d in partial)
+    for stage in STAGES:
+        p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        for line in p.stderr:
+            if line.startswith(stage):
+                p.send_signal(signal.SIGKILL)
+                break
+        p.wait()
+        assert p.returncode == -signal.SIGKILL, (stage, p.returncode)
+        assert not out.exists(), stage  # nothing at --out: the work folder is hidden and has no manifest
+        partial = [d for d in tmp_path.iterdir() if d.name.startswith(".killed.partial-")]
+        assert all(not (d / "manifest.json").exists() for d in partial), stage
+        assert len(partial) <= 1, stage  # each run removed the work folders of the dead runs before it
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert bundle_mod.load(out)["files"]  # a complete bundle that verifies
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["killed"]  # the dead runs' folders are gone
 
 
 def test_manifest_is_json_and_lists_sizes(tiny_bundle):
