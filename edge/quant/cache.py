@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edge.bundle import sha256 as _sha256
 from edge.errors import EdgeError
 
 # Bump whenever quantize_model may give other numbers for the same inputs (a scheme's fields are in
@@ -58,14 +59,6 @@ def source_identity(source: dict, config: dict) -> dict | None:
         files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
         return {"kind": kind, "sha256": {p.name: _sha256(p) for p in files}}
     return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def key_inputs(scheme, identity: dict, calib: list[list[int]] | None) -> dict:
