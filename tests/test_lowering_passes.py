@@ -7,6 +7,7 @@ from test_export_executorch import lower, tiny_model
 from torch import nn
 
 from conftest import random_calibration
+from edge.models.config import gemma3_layer_types
 from edge.quant.apply import quantize_model
 from edge.quant.schemes import SCHEMES
 from edge.targets import BACKENDS
@@ -14,7 +15,7 @@ from edge.targets import executorch as et
 
 
 def test_the_program_is_the_same_without_the_passes_it_does_not_need(tmp_path, monkeypatch):
-    model = tiny_model(n_kv_heads=2, seed=3)
+    model = tiny_model(n_kv_heads=2, seed=3, n_layers=2, layer_types=gemma3_layer_types(2, pattern=2))  # local, global
     quantize_model(model, SCHEMES["int4"], random_calibration(256))
     _, fast = lower(model, tmp_path, "fast.pte")
     monkeypatch.setattr(et, "xnnpack_passes_for_the_graph", contextlib.nullcontext)  # every pass
