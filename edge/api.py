@@ -244,19 +244,8 @@ def _special_ids(tok) -> dict:
 def estimate_peak_bytes(n_params: int, vocab: int, quantized: bool, backend: str) -> int:
     """Preflight estimate of the export's peak RSS, in bytes: the fp32 model, golden capture, quantizing, lowering.
 
-    Measured peaks, GiB (`/usr/bin/time -v edge export ...`, 2026-12-03): gemma2-2b `--random-weights`
-    (9.7 GiB of fp32 weights) XNNPACK int4 17.4, reached while quantizing (GPTQ's Hessians and the
-    sampled calibration beside the fp32 model; lowering stayed under it); the 270M (1.0 GiB fp32, 0.6
-    GiB of logits for the 612-token golden prompt) XNNPACK int4 4.05, int8 4.67, LiteRT int4 8.1
-    (litert-torch converts four signatures of the float model, the head untied). From benchmarks/schemes.py's
-    manifests: int4-hqq 5.1, int4-g128 4.8, fp32 5.9. Older records: CoreML weight-only 7.1, Vulkan fp32
-    6.2, ONNX int8-wo / int4-wo 7.6 / 7.4, fp32 4.8. ONNX int4 / int8 (2026-12-04): 7.61 / 8.38 (torch.export
-    and the onnx rewrite of the float graph with its in-graph activation rounding), LiteRT int8 10.3.
-    This gives 20.0 GiB for the 2B's int4 and 5.2 for the 270M's (the fixed 2.5 GB covers int4-hqq's 5.1),
-    8.8 for its ONNX and 10.8 for its LiteRT. ActResidual's graph (int8, int4) no longer
-    costs more to lower than the plain one (its term of 0.26 GB per layer is gone): XNNPACK's
-    partitioner kept O(N^2) Python sets of every node's users (the 270M int4 peaked at 9.5 then), which
-    CompactDependencies (edge/targets/executorch.py) holds as bits.
+    Fitted on measured peaks (`/usr/bin/time -v edge export ...`; the figures: docs/export-cost.md): a 16 GB
+    machine is refused before loading the 2B, not after an hour.
     """
     fp32 = 4 * n_params
     golden = 612 * vocab * 4 * 2  # the long prompt's logits and one working copy

@@ -159,15 +159,8 @@ def _w(bits: int, group: int | None, rounding: Rounding = Rounding.RTN, act: Act
     return WeightQuant(bits=bits, group=group, act=act, rounding=rounding)
 
 
-# The 270M's mlp.gate layers whose int4 g32 rounding costs least (KLD on calibration text with only
-# that tensor at 4 bits; `benchmarks/sensitivity.py --kinds mlp.gate`, 0.0016-0.0021 for these, 0.0029-
-# 0.0034 for the most sensitive), put at 4 bits to fit the GGUF's size. Six: the 270M .pte at 0.0160 /
-# 93.5% vs fp32, 252,715,360 bytes. Five: 0.0147 / 92.6%, but 184 KB over the GGUF (ActResidual's graph
-# grew model.pte by 0.67 MB). Eager vs fp32 on the golden prompts, with int8 offsets and ActResidual:
-# 5 gates 0.0146 / 92.6%, 7 gates 0.0189 / 93.3%; without ActResidual, 5 gates 0.0187 / 91.7%; the
-# scheme before (7 gates, fp32 offsets, no ActResidual) 0.0200 / 92.3%, 0.47 MB over the GGUF.
-# 2026-12-03, another machine: the same scheme read 0.0178 / 90.84% (below the band); with GPTQ's scale
-# search and 32 sampled calibration sequences the .pte reads 0.0111 / 94.29%, same bytes.
+# The 270M's mlp.gate layers whose int4 g32 rounding costs least (`benchmarks/sensitivity.py --kinds
+# mlp.gate`), put at 4 bits to fit the GGUF's size; why six, measured: docs/quantization.md.
 INT4_GATES = (15, 16, 13, 8, 7, 14)
 
 SCHEMES: dict[str, Scheme] = {

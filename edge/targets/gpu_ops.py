@@ -2,7 +2,7 @@
 
 No tool checks this without TensorFlow (tflite's `gpu_compatibility` is C++ inside the converter),
 so the delegates' own acceptance rules are encoded here as data, read from the source:
-google-ai-edge/LiteRT at f67457790c9c2ab67347d6fe53270e8d3df20868 (2026-08-21):
+google-ai-edge/LiteRT at f67457790c9c2ab67347d6fe53270e8d3df20868:
 
 - `tflite/tools/versioning/gpu_compatibility.cc` (CheckGpuDelegateCompatibility, the switch at
   lines 534-1275): which builtin ops either delegate may take, and their input rules;
