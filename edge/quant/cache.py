@@ -160,7 +160,8 @@ def _store(model: nn.Module, folder: Path, inputs: dict, coverage: list[dict]) -
     from safetensors.torch import save_file
 
     plain, formats, aliases, seen = {}, {}, {}, {}
-    for name, t in _tensors(model).items():
+    tensors = _tensors(model)
+    for name, t in tensors.items():
         parts, formats[name] = _flat(name, t)
         for n, p in parts.items():
             ident = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()))
@@ -180,7 +181,7 @@ def _store(model: nn.Module, folder: Path, inputs: dict, coverage: list[dict]) -
             "formats": formats,
             "aliases": aliases,
             # torch.export records it, so the artifact's bytes depend on it
-            "requires_grad": sorted(n for n, t in _tensors(model).items() if t.requires_grad),
+            "requires_grad": sorted(n for n, t in tensors.items() if t.requires_grad),
             "coverage": coverage,
         }
         (tmp / ENTRY).write_text(json.dumps(entry, indent=1))
