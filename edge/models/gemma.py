@@ -59,6 +59,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.dim = dim
         self.weight = nn.Parameter(torch.zeros(dim))
+        # (1 + weight) as a constant while an export traces (folded_norms): else an add every call
+        self.register_buffer("folded", None, persistent=False)
         for name, value in self.constants().items():
             self.register_buffer(name, value, persistent=False)
 
@@ -76,11 +78,29 @@ class RMSNorm(nn.Module):
         # (transformers PR 29402: Gemma is (x * w).to(dtype), not x.to(dtype) * w).
         xf = x.float()
         if _linear_forms:  # on rows: litert-torch / coremltools mishandle a 4-D one (q_norm)
-            ms = F.linear((xf * xf).reshape(-1, self.dim), self.inv_dim, self.eps_bias).view(*x.shape[:-1], 1)
+            sq = xf * xf
+            if x.dim() == 2:  # the residual stream's rows: no reshape around the linear
+                ms = F.linear(sq, self.inv_dim, self.eps_bias)
+            else:
+                ms = F.linear(sq.reshape(-1, self.dim), self.inv_dim, self.eps_bias).view(*x.shape[:-1], 1)
         else:
             ms = xf.pow(2).mean(-1, keepdim=True) + self.eps
         out = xf * torch.rsqrt(ms)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        scale = self.folded if self.folded is not None else 1.0 + self.weight.float()
+        return (out * scale).type_as(x)
+
+
+@contextmanager
+def folded_norms(model: nn.Module) -> Iterator[None]:
+    """Each RMSNorm's (1 + weight) computed once, as a constant, while an export traces the model."""
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    for m in norms:
+        m.folded = 1.0 + m.weight.detach().float()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.folded = None
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -89,12 +109,12 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
 
 
 def rope(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, D) at positions pos (T,), computed in the graph.
+    """cos, sin (T, 1, D) at positions pos (T,), computed in the graph; the 1 broadcasts over the heads.
 
     Not a precomputed (max_seq_len, D) table: for the 270M at 1024 positions the two tables (global
     and local theta) were 4.2 MB of constants in every artifact, 1.7% of the int4 size budget.
     """
-    freqs = pos.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # (T, D/2): torch.outer's products
+    freqs = pos.float().view(-1, 1, 1) * inv_freq.view(1, 1, -1)  # (T, 1, D/2): torch.outer's products
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -103,12 +123,12 @@ ROTATE_PAIR = ((0.0, -1.0), (1.0, 0.0))  # (x1, x2) -> (-x2, x1) as a linear: ex
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos, sin (T, D); rotate: ROTATE_PAIR in x's dtype (linear_forms: a buffer, as a
-    constant made in the graph stays outside XNNPACK, which wants its linears' weights static)."""
-    B, H, T, D = x.shape
+    """x (B, T, H, D) token-major; cos, sin (T, 1, D); rotate: ROTATE_PAIR in x's dtype (linear_forms: a
+    buffer, as a constant made in the graph stays outside XNNPACK, which wants its linears' weights static)."""
+    B, T, H, D = x.shape
     if _linear_forms:  # the halves paired by a view and a transpose, each pair rotated by a 2x2 linear
-        pairs = x.view(B, H, T, 2, D // 2).transpose(-1, -2).reshape(-1, 2)  # rows (x1_i, x2_i)
-        rotated = F.linear(pairs, rotate).view(B, H, T, D // 2, 2).transpose(-1, -2).reshape(B, H, T, D)
+        pairs = x.view(B, T, H, 2, D // 2).transpose(-1, -2).reshape(-1, 2)  # rows (x1_i, x2_i)
+        rotated = F.linear(pairs, rotate).view(B, T, H, D // 2, 2).transpose(-1, -2).reshape(B, T, H, D)
     else:
         rotated = torch.cat([-x[..., D // 2 :], x[..., : D // 2]], dim=-1)
     return x * cos + rotated * sin
@@ -159,26 +179,27 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x (B, T, dim); pos (T,); cos, sin (T, D); mask (G*T, S) additive, the (T, S) mask repeated
-        for each of the G query heads that share a KV head (None for a fused cache: causal from the
-        current position). Returns (B, T, dim).
+        """x (B*T, dim) rows, token-major; pos (T,); cos, sin (T, 1, D); mask (G*T, S) additive, the (T, S) mask
+        repeated for each of the G query heads that share a KV head (None for a fused cache: causal from the
+        current position). Returns (B*T, dim).
 
         `cache` replaces the layer's own cache for this call (anything with KVCache.update's
         contract): how a functional export passes the cache in and out (edge/targets/litert.py)."""
-        B, T, _ = x.shape
-        G = self.n_heads // self.n_kv
-        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, D)
-        if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        N, T = x.shape[0], pos.shape[0]
+        B, G, D = N // T, self.n_heads // self.n_kv, self.hd
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # (N, H * D)
+        if self.cfg.qk_norm:  # on rows of one head each
+            q, k = self.q_norm(q.view(N * self.n_heads, D)), self.k_norm(k.view(N * self.n_kv, D))
+        q = q.view(B, T, self.n_heads, D)
+        k, v = k.view(B, T, self.n_kv, D), v.view(B, T, self.n_kv, D)
         rotate = self.rotate.to(q.dtype)
         q, k = apply_rope(q, cos, sin, rotate), apply_rope(k, cos, sin, rotate)
         cache = cache if cache is not None else self.cache
         assert cache is not None, "call Gemma.setup_cache() first"
         if getattr(cache, "fused", False):  # an export's cache that also attends (edge/targets/executorch.py)
-            out = cache.attend(q, k, v, pos, mask, self.scale)  # (B, T, Hq, D)
-            return self.wo(out.reshape(B, T, self.n_heads * self.hd))
+            out = cache.attend(q, k, v, pos, mask, self.scale)  # token-major in and out: (B, T, Hq, D)
+            return self.wo(out.reshape(N, self.n_heads * D))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         k_all, v_all = cache.update(pos, k, v)  # (B, Hkv, S, D)
 
         # Fold: query heads j*G .. j*G+G-1 share KV head j (transformers' repeat_kv order), so
@@ -186,14 +207,14 @@ class Attention(nn.Module):
         # 3-D bmm, not a 4-D matmul: torch.matmul broadcasts through an expand of the token-sized
         # operand, which XNNPACK does not take with a dynamic size.
         S = k_all.shape[2]
-        qf = q.reshape(B * self.n_kv, G * T, self.hd)
-        scores = torch.bmm(qf, k_all.reshape(B * self.n_kv, S, self.hd).transpose(1, 2)) * self.scale
+        qf = q.reshape(B * self.n_kv, G * T, D)
+        scores = torch.bmm(qf, k_all.reshape(B * self.n_kv, S, D).transpose(1, 2)) * self.scale
         if self.cfg.attn_softcap is not None:
             scores = torch.tanh(scores / self.cfg.attn_softcap) * self.cfg.attn_softcap
         scores = scores + mask  # (B*Hkv, G*T, S) + (G*T, S): the same mask for every group
         probs = F.softmax(scores.float(), dim=-1).type_as(q)
-        out = torch.bmm(probs, v_all.reshape(B * self.n_kv, S, self.hd))  # (B*Hkv, G*T, D)
-        out = out.reshape(B, self.n_heads, T, self.hd).transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
+        out = torch.bmm(probs, v_all.reshape(B * self.n_kv, S, D))  # (B*Hkv, G*T, D)
+        out = out.reshape(B, self.n_heads, T, D).transpose(1, 2).reshape(N, self.n_heads * D)
         return self.wo(out)
 
 
@@ -299,27 +320,30 @@ class Gemma(nn.Module):
         self, tokens: torch.Tensor, input_pos: torch.Tensor, all_logits: bool = False, caches: list | None = None
     ) -> torch.Tensor:
         """`caches`: one per layer, used instead of the model's own (a functional export's KV in/out)."""
-        T = tokens.shape[1]
+        B, T = tokens.shape
         pos = input_pos[:1] + torch.arange(T, dtype=torch.int64, device=tokens.device)  # (T,)
         # Embeddings are stored unscaled; the reference multiplies by sqrt(dim) in the weights' dtype.
         x = lookup(self.embed, tokens) if isinstance(self.embed, nn.Embedding) else self.embed(tokens)
         x = x * torch.tensor(math.sqrt(self.cfg.dim), dtype=self.embed.weight.dtype)  # (B, T, dim)
         if self.embed_rescale is not None:
             x = x * self.embed_rescale
+        # The residual stream as rows (B*T, dim): norms, linears and the MLP are per token, and on 2-D
+        # rows each linear is one matmul with no reshape around it (an XNNPACK operator each, a step).
+        x = x.reshape(B * T, self.cfg.dim)
         global_mask, local_mask = self.masks(pos)
         dtype = self.embed.weight.dtype
         tables = {}
         G = self.cfg.n_heads // self.cfg.n_kv_heads  # each mask repeated once here, not in every layer
         for local, name, mask in ((False, "global", global_mask), (True, "local", local_mask)):
             cos, sin = rope(pos, getattr(self, f"rope_inv_freq_{name}"))
-            tables[local] = (cos.to(dtype), sin.to(dtype), mask.repeat(G, 1))  # (T, D), (T, D), (G*T, S)
+            tables[local] = (cos.to(dtype), sin.to(dtype), mask.repeat(G, 1))  # (T, 1, D), (T, 1, D), (G*T, S)
         for i, layer in enumerate(self.layers):
             cos, sin, mask = tables[layer.local]
             cache = caches[i] if caches is not None else None
             if cache is None and getattr(layer.attn.cache, "fused", False):
                 mask = None  # a fused cache attends causally from the current position on its own
             x = layer(x, pos, cos, sin, mask, cache)
-        x = self.norm(x)
+        x = self.norm(x).view(B, T, self.cfg.dim)
         if not all_logits:
             x = x[:, -1, :]  # (B, dim)
         logits = self.lm_head(x)  # (B, [T,] V)

@@ -231,8 +231,13 @@ class ActResidual(nn.Module):
         return self.lin.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.lin(torch.stack([x, x - self.rounded(x)], dim=-2))  # (..., 2, out)
-        return torch.nn.functional.linear(rows.transpose(-1, -2), self.pair_sum.to(rows.dtype)).flatten(-2)
+        lead = x.shape[:-1]
+        # (tokens, 2, in) into the linear: Vulkan's quantized-linear fusion (executorch 1.5.1) takes the view
+        # after the matmul for its output's shape, so the view must restore the input's own leading dims.
+        rows = self.lin(torch.stack([x, x - self.rounded(x)], dim=-2).reshape(-1, 2, self.in_features))
+        rows = rows.transpose(1, 2).reshape(-1, 2)  # (tokens * out, 2)
+        # a 2-D linear: on the 3-D transpose it was a batched matmul over an expanded (1, 2) weight
+        return torch.nn.functional.linear(rows, self.pair_sum.to(rows.dtype)).view(*lead, self.out_features)
 
     def rounded(self, x: torch.Tensor) -> torch.Tensor:
         """x as `lin` sees it: per token (per slice of `group`), asymmetric int8, dequantized.

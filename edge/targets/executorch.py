@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edge.models.gemma import KVCache, linear_forms
+from edge.models.gemma import KVCache, folded_norms, linear_forms
 from edge.targets import Backend
 
 
@@ -193,13 +193,14 @@ class SdpaKVCache(UpdateCacheKVCache):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, mask, scale: float
     ) -> torch.Tensor:
-        """q (B, Hq, T, D), k, v (B, Hkv, T, D) -> (B, T, Hq, D), attending to cached positions < start + T."""
+        """q (B, T, Hq, D), k, v (B, T, Hkv, D), token-major as the kernels take them -> (B, T, Hq, D),
+        attending to cached positions < start + T."""
         start = pos[0].item()  # positions are consecutive: pos = start + arange(T)
         torch._check(start >= 0)
-        torch._check(start + k.shape[2] <= self.k.shape[1])
-        torch.ops.llama.update_cache(k.transpose(1, 2), self.k, start)
-        torch.ops.llama.update_cache(v.transpose(1, 2), self.v, start)
-        return torch.ops.llama.custom_sdpa(q.transpose(1, 2), self.k, self.v, start, mask, 0.0, mask is None, scale)
+        torch._check(start + k.shape[1] <= self.k.shape[1])
+        torch.ops.llama.update_cache(k, self.k, start)
+        torch.ops.llama.update_cache(v, self.v, start)
+        return torch.ops.llama.custom_sdpa(q, self.k, self.v, start, mask, 0.0, mask is None, scale)
 
 
 KV_WRITE = {"vulkan": UpdateCacheKVCache, "xnnpack": SdpaKVCache}
@@ -450,6 +451,31 @@ def xnnpack_passes_for_the_graph() -> Iterator[None]:
         XNNPACKPassManager.__init__ = init
 
 
+@contextmanager
+def vulkan_linear_outputs_kept() -> Iterator[None]:
+    """Vulkan's quantized-linear fusion (executorch 1.5.1, backends/vulkan/patterns/quantized_linear.py,
+    QuantizedLinearMatch) takes a view_copy after the matmul into the match whether or not a quantize
+    follows, and gives the fused op that view's shape while the op itself keeps its input's leading dims:
+    a linear on 2-D rows whose result is viewed into heads then fails (or worse, broadcasts) downstream.
+    The view is only needed before an output quantize: elsewhere the match ends at the matmul."""
+    from executorch.backends.vulkan.patterns import quantized_linear as ql
+
+    init = ql.QuantizedLinearMatch.__init__
+
+    def kept(self, mm_node) -> None:
+        init(self, mm_node)
+        view = getattr(self, "output_view_copy_node", None)
+        if view is not None and self.quantize_output_node is None:
+            self.all_nodes.remove(view)
+            self.output_view_copy_node, self.output_node = None, self.anchor_node
+
+    ql.QuantizedLinearMatch.__init__ = kept
+    try:
+        yield
+    finally:
+        ql.QuantizedLinearMatch.__init__ = init
+
+
 def _lower(ep, backend: Backend, meta: dict | None = None):
     import executorch.kernels.quantized  # noqa: F401  (out variants of quantized_decomposed::embedding_*)
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
@@ -464,6 +490,9 @@ def _lower(ep, backend: Backend, meta: dict | None = None):
                 constant_methods=meta,
             )
 
+    if backend.name == "vulkan":
+        with vulkan_linear_outputs_kept():
+            return lower(checked=True)
     if backend.name != "xnnpack":
         return lower(checked=True)
     try:
@@ -481,6 +510,24 @@ def lower_module(module: nn.Module, example: tuple, backend: Backend) -> bytes:
     return _lower(ep, backend).to_executorch(_backend_config()).buffer
 
 
+def trace(model: nn.Module, max_seq_len: int, backend: Backend, vocab: int):
+    """torch.export of the runner's forward(tokens, input_pos) in the forms the backend takes.
+
+    Returns the exported program (decomposed to core ATen) and how the KV cache is written."""
+    from torch.export import Dim
+
+    wrapper = RunnerContract(model, vocab).eval()
+    dynamic = not backend.static_shapes
+    tokens = torch.tensor([[2, 3, 4]] if dynamic else [[2]], dtype=torch.int64)
+    example = (tokens, torch.tensor([0], dtype=torch.int64))
+    # T <= max_seq_len - 1: the runner refuses prompts that fill the whole context.
+    shapes = ({1: Dim("seq", min=1, max=max_seq_len - 1)}, None) if dynamic else None
+    with torch.no_grad(), kv_writes_for(model, backend) as kv_write, linear_forms(), folded_norms(model):
+        ep = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=True)
+        # index_copy_ (the cache write) has no ExecuTorch kernel: decompose it to index_put.
+        return ep.run_decompositions({}), kv_write
+
+
 def export(
     model: nn.Module, max_seq_len: int, backend: Backend, meta: dict, stages, external_weights: bool = False
 ) -> Lowered:
@@ -489,24 +536,10 @@ def export(
     external_weights: every constant goes to model.ptd (each distinct tensor once) and the .pte
     holds the program only; the stock runners take the .ptd as their data path.
     """
-    from torch.export import Dim
-
-    wrapper = RunnerContract(model, meta["get_vocab_size"]).eval()
     meta = {**meta, "use_sdpa_with_kv_cache": fused_attention(model, backend)}
     dynamic = not backend.static_shapes
-    tokens = torch.tensor([[2, 3, 4]] if dynamic else [[2]], dtype=torch.int64)
-    example = (tokens, torch.tensor([0], dtype=torch.int64))
-    # T <= max_seq_len - 1: the runner refuses prompts that fill the whole context.
-    shapes = ({1: Dim("seq", min=1, max=max_seq_len - 1)}, None) if dynamic else None
-    with (
-        stages.run("export", "torch.export of forward(tokens, input_pos)"),
-        torch.no_grad(),
-        kv_writes_for(model, backend) as kv_write,
-        linear_forms(),
-    ):
-        ep = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=True)
-        # index_copy_ (the cache write) has no ExecuTorch kernel: decompose it to index_put.
-        ep = ep.run_decompositions({})
+    with stages.run("export", "torch.export of forward(tokens, input_pos)"):
+        ep, kv_write = trace(model, max_seq_len, backend, meta["get_vocab_size"])
         if external_weights:
             _external_weights(ep)
     with stages.run("lower", f"to_edge + {backend.name} partitioner"):
