@@ -274,7 +274,7 @@ def export(
     callers that compare the artifact with it (tests, benchmarks) without quantizing a second time.
     max_kld: with quant="auto", the mean KLD budget on held-out text (default: the int4 band).
     use_cache: take the quantized tensors from the quantization cache when the same weights were quantized
-    the same way before, and store them otherwise (edge/quant/cache.py); `auto` is never cached.
+    the same way before, and store them otherwise (edge/quant/cache.py); `auto` keeps its choice there too.
     """
     import psutil
 
@@ -349,10 +349,17 @@ def export(
         with stages.run("quantize", detail):
             calib = calibration(loaded.tokenizer, v.config.vocab_size) if scheme.calibrated else None
             grids = grids_for(loaded, scheme)
+            identity = quant_cache.source_identity(loaded.source, loaded.config.to_dict())
             if auto:
+                auto_record = quant_cache.auto_choice(scheme, identity, calib, budget, use_cache, say)
+                if auto_record is not None:  # the search's choice, and its tensors when still cached
+                    scheme = auto_mod.scheme_with(scheme, auto_record["int4"], budget)
+            if auto and auto_record is None:
+                base = scheme
                 model, scheme, coverage, auto_record = auto_mod.choose(model, calib, grids, budget, progress=counter)
+                if use_cache:
+                    quant_cache.store_auto(model, base, scheme, coverage, auto_record, identity, calib, budget, say)
             else:
-                identity = quant_cache.source_identity(loaded.source, loaded.config.to_dict())
                 coverage = quant_cache.quantize(model, scheme, calib, grids, identity, counter, use_cache, say)
             del grids
         impl = plan.backend.impl()

@@ -136,3 +136,25 @@ def test_an_auto_bundle_records_its_choice_and_validate_rebuilds_it(tmp_path):
     assert (rebuilt == EagerRunner(held["model"]).all_logits(ids)).all()
     pte = _stage_logits("lowered", manifest, {}, None)(ids)
     assert abs(pte - rebuilt).max() < 1e-2 * abs(rebuilt).max()
+
+
+def test_a_second_auto_export_takes_the_choice_and_its_tensors_from_the_cache(tmp_path, monkeypatch, capsys):
+    """The search runs once: the second export reads the choice and the chosen tensors, and its artifact
+    is byte for byte the first's."""
+    from edge import api
+    from edge.quant import cache
+
+    monkeypatch.setenv("EDGE_QUANT_CACHE", str(tmp_path / "quant"))
+    kw = dict(random_weights=True, max_seq_len=64, max_kld=1.0)
+    a = api.export("tiny-test", "linux", "xnnpack", "auto", out=tmp_path / "a", **kw)
+    assert "auto: sensitivity" in capsys.readouterr().err
+    b = api.export("tiny-test", "linux", "xnnpack", "auto", out=tmp_path / "b", **kw)
+    err = capsys.readouterr().err
+    assert "the choice from the cache" in err and "auto: sensitivity" not in err
+    assert "quantized tensors from the cache" in err
+    assert a["quant"] == b["quant"]
+    files = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name != "manifest.json")
+    assert "model.pte" in files
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert sorted(e["scheme"] for e in cache.entries()) == ["auto", "auto choice (int4, --max-kld 1)"]

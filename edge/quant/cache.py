@@ -35,6 +35,7 @@ from edge.errors import EdgeError
 RECIPE = "gemma-edge-quant-1"
 STATE = "tensors.safetensors"
 ENTRY = "entry.json"
+CHOICE = "choice.json"  # an `auto-<key>` folder: what `--quant auto` chose (its tensors are a scheme's entry)
 FIELDS = {"inputs", "sha256", "formats", "aliases", "requires_grad", "coverage"}
 
 
@@ -113,6 +114,50 @@ def quantize(
     except OSError as e:  # a full disk or a read-only cache costs the next export time, not this one
         say(f"quantization cache not written ({e.strerror or e}): the next export quantizes again")
     return coverage
+
+
+def _choice_inputs(base, identity: dict, calib: list[list[int]] | None, budget: float) -> tuple[dict, Path]:
+    inputs = {**key_inputs(base, identity, calib), "auto_budget": budget}
+    return inputs, root() / f"auto-{key_of(inputs)}"
+
+
+def auto_choice(base, identity: dict | None, calib, budget: float, use_cache: bool, say) -> dict | None:
+    """The manifest record of an earlier `--quant auto` search with the same inputs and budget, or None."""
+    if not use_cache or identity is None:
+        return None
+    inputs, folder = _choice_inputs(base, identity, calib, budget)
+    try:
+        entry = json.loads((folder / CHOICE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        entry = None
+    record = entry.get("record") if isinstance(entry, dict) and entry.get("inputs") == inputs else None
+    if isinstance(record, dict) and isinstance(record.get("int4"), list):
+        if all(isinstance(n, str) for n in record["int4"]):
+            say(f"--quant auto: the choice from the cache ({folder}): {len(record['int4'])} linears at 4 bits")
+            return record
+    say(f"quantization cache entry {folder.name} is not used: unreadable or for other inputs; searching again")
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def store_auto(model: nn.Module, base, scheme, coverage, record: dict, identity: dict | None, calib, budget, say):
+    """Keep what `--quant auto` chose, and the chosen model's tensors under its scheme's own key."""
+    if identity is None:
+        return
+    inputs, folder = _choice_inputs(base, identity, calib, budget)
+    try:
+        tensors_inputs = key_inputs(scheme, identity, calib)
+        _store(model, root() / key_of(tensors_inputs), tensors_inputs, coverage)
+        tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / CHOICE).write_text(json.dumps({"inputs": inputs, "record": record}, indent=1))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError as e:
+        say(f"quantization cache not written ({e.strerror or e}): the next export searches again")
 
 
 def _verified(folder: Path, inputs: dict, say) -> dict | None:
@@ -247,8 +292,11 @@ def entries() -> list[dict]:
             continue
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         try:
-            inputs = json.loads((folder / ENTRY).read_text())["inputs"]
+            record = folder / (CHOICE if folder.name.startswith("auto-") else ENTRY)
+            inputs = json.loads(record.read_text())["inputs"]
             what = {"scheme": inputs["scheme"]["name"], "source": inputs["source"]["kind"]}
+            if record.name == CHOICE:
+                what["scheme"] = f"auto choice ({inputs['scheme']['name']}, --max-kld {inputs['auto_budget']:g})"
         except (OSError, ValueError, KeyError, TypeError):
             what = {"scheme": None, "source": None, "broken": True}
         out.append({"key": folder.name, **what, "bytes": size, "path": str(folder)})

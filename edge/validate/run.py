@@ -179,7 +179,7 @@ def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
     model = loaded.build(manifest["max_seq_len"])
     if stage == "quantized":
         from edge.quant import cache as quant_cache
-        from edge.quant.apply import calibration, quantize_model
+        from edge.quant.apply import calibration
         from edge.quant.schemes import Scheme, get_scheme
         from edge.quant.transcode import grids_for
 
@@ -190,12 +190,11 @@ def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
             scheme = get_scheme(recorded["name"])
             _check_same_scheme(recorded, scheme)
         calib = calibration(loaded.tokenizer, loaded.config.vocab_size) if scheme.calibrated else None
-        if recorded["name"] == "auto":
-            quantize_model(model, scheme, calib, grids=grids_for(loaded, scheme))
-        else:  # the export's quantization, when this machine made it (edge/quant/cache.py)
-            identity = quant_cache.source_identity(loaded.source, loaded.config.to_dict())
-            grids = grids_for(loaded, scheme)
-            quant_cache.quantize(model, scheme, calib, grids, identity, use_cache=host["use_cache"], say=host["say"])
+        # the export's quantization, when this machine made it (edge/quant/cache.py; auto's chosen tensors too)
+        identity = quant_cache.source_identity(loaded.source, loaded.config.to_dict())
+        grids = grids_for(loaded, scheme)
+        use, say = host.get("use_cache", True), host.get("say", lambda s: None)
+        quant_cache.quantize(model, scheme, calib, grids, identity, use_cache=use, say=say)
     return st.eager_logits(model)
 
 
