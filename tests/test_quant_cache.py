@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from test_transcode import grid_model
 
 from conftest import random_calibration
@@ -38,7 +39,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8", "int4-hqq"])
-def test_a_hit_fills_the_model_with_the_fresh_quantization(scheme):
+def test_a_hit_fills_the_model_with_the_fresh_quantization(scheme, cache_root):
     calib, said = random_calibration(256), []
     model, grids = grid_model()
     fresh = quantize_model(model, SCHEMES[scheme], calib, grids=grids)
@@ -48,6 +49,18 @@ def test_a_hit_fills_the_model_with_the_fresh_quantization(scheme):
     cache.quantize(model, SCHEMES[scheme], calib, grids, IDENTITY, say=said.append)
     assert_same(tensors(model), want)
     assert len(cache.entries()) == 1 and not said
+    (folder,) = cache_root.iterdir()
+    entry = json.loads((folder / cache.ENTRY).read_text())
+    packed = entry["packed4"]
+    four_bit = {n for n, (_, t) in want.items() if n not in entry["aliases"] and t.dtype == torch.int8
+                and t.shape[-1] % 2 == 0 and -8 <= t.min() and t.max() <= 7}  # fmt: skip
+    assert set(packed) == four_bit and (len(four_bit) > 10 or scheme == "int8")  # 4-bit values: two a byte
+    with safe_open(str(folder / cache.STATE), framework="pt") as f:
+        assert all(f.get_slice(n).get_dtype() == "U8" for n in packed)
+    if SCHEMES[scheme].shared_table:  # the head's and the lookup's equal tables: one copy in the file
+        assert any(
+            a.endswith("qdata") and a.startswith("embed") != b.startswith("embed") for a, b in entry["aliases"].items()
+        )
 
     model, grids = grid_model()  # a hit
     coverage = cache.quantize(model, SCHEMES[scheme], calib, grids, IDENTITY, say=said.append)
