@@ -37,10 +37,12 @@ demo: setup
 # CI: everything but the extra real exports marked `full` (they would push the run past 40 minutes).
 test: setup sysdeps
 	$(BIN)/ruff check edge tests
+	$(BIN)/lint-imports
 	$(BIN)/pytest -m "not full" $(XDIST) $(PYTEST_ARGS)
 
 test-full: setup sysdeps
 	$(BIN)/ruff check edge tests
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
@@ -49,3 +51,4 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check edge tests
 	$(BIN)/ruff format --check edge tests
+	$(BIN)/lint-imports

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge.errors import EdgeError
+from edge.runtime.runners import open_runner  # noqa: F401  (the public name: edge.api.open_runner)
 
 if TYPE_CHECKING:
     from edge.generation import GenerationResult, SamplingConfig
@@ -164,38 +165,6 @@ def _tool_versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def open_runner(manifest: dict, threads: int | None = None):
-    """The runner for a verified bundle's artifact on this host."""
-    from edge.targets import BACKENDS
-
-    backend = BACKENDS.get(manifest["backend"])
-    if backend is None or not backend.runs_here:
-        raise EdgeError(
-            f"a {manifest['backend']} artifact cannot run on this host",
-            hint="run it on its device; here, export --backend xnnpack to run and validate on the CPU",
-        )
-    if not backend.runnable():
-        raise EdgeError(
-            f"running a {backend.name} artifact needs the Python package {backend.runtime or backend.package!r}",
-            hint="pip install 'gemma-edge[device]'" if backend.runtime else backend.install,
-        )
-    if backend.family == "executorch":
-        from edge.runtime.pte import PteRunner
-
-        data = manifest["io"].get("weights_file", {}).get("file")
-        root = Path(manifest["path"])
-        return PteRunner(root / manifest["artifact"], threads=threads, data_path=root / data if data else None)
-    if backend.family == "litert":
-        from edge.runtime.tflite import TfliteRunner
-
-        return TfliteRunner(Path(manifest["path"]) / manifest["artifact"], threads=threads)
-    if backend.family == "onnx":
-        from edge.runtime.onnx import OnnxRunner
-
-        return OnnxRunner(Path(manifest["path"]) / manifest["artifact"], threads=threads)
-    raise EdgeError(f"no runner for backend family {backend.family}", hint="update gemma-edge")
 
 
 def _generate_bundle(bundle, prompt, max_new_tokens, chat, sampling, on_text) -> GenerationResult:

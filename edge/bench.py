@@ -67,9 +67,9 @@ def bench(
     repeats: int = 3,
     say: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    from edge import api
     from edge import bundle as bundle_mod
     from edge.models.tokenizer import Tokenizer
+    from edge.runtime.runners import open_runner
 
     _check("--prompt-len", prompt_len, 1)
     _check("--gen-len", gen_len, 1)
@@ -91,7 +91,7 @@ def bench(
 
     rss_before = rss_mb()
     t = time.perf_counter()
-    runner = api.open_runner(manifest, threads=threads)
+    runner = open_runner(manifest, threads=threads)
     load_s = time.perf_counter() - t
     rss_loaded = rss_mb()
     say(f"[bench] loaded {manifest['artifact']} in {load_s:.2f} s; {threads} threads")

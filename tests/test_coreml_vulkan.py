@@ -17,7 +17,7 @@ from edge.models.weights import assign, random_tensors
 from edge.progress import Stages
 from edge.quant.apply import quantize_model
 from edge.quant.schemes import SCHEMES, Act, Scheme, WeightQuant
-from edge.targets import BACKENDS
+from edge.targets import BACKENDS, Lowered
 from edge.targets import executorch as et
 
 MAX_SEQ = 32
@@ -31,7 +31,7 @@ def tiny_model(seed: int = 0) -> Gemma:
     return m
 
 
-def lower(model: Gemma, backend: str) -> et.Lowered:
+def lower(model: Gemma, backend: str) -> Lowered:
     b = BACKENDS[backend]
     meta = et.metadata(model.cfg, MAX_SEQ, 2, [1, 106], model.cfg.vocab_size, not b.static_shapes)
     return et.export(model, MAX_SEQ, b, meta, Stages())

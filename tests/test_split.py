@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from conftest import random_calibration
+from edge.models.gemma import lookup
 from edge.quant.apply import quantize_model
 from edge.quant.schemes import SCHEMES
-from edge.quant.split import ActResidual, ColumnSplitLinear, lookup, split_linears
+from edge.quant.split import ActResidual, ColumnSplitLinear, split_linears
 
 
 def test_split_linear_computes_the_same_product():
@@ -109,7 +110,7 @@ def test_slices_widen_to_keep_the_graph_small():
 
 @pytest.mark.parametrize("scheme", ["int8", "int4-hqq"])
 def test_lookup_dequantizes_only_the_rows_read_to_the_same_values(scheme):
-    """edge.quant.split.lookup vs torchao's own embedding (which dequantizes the whole table)."""
+    """edge.models.gemma.lookup vs torchao's own embedding (which dequantizes the whole table)."""
     from test_export_executorch import tiny_model
 
     m = tiny_model(n_kv_heads=2, seed=7)

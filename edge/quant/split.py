@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edge.models.gemma import lookup
+
 # Slices per linear at most: the graph grows with every slice (see above), so wide linears of
 # bigger models get wider slices -- the smallest multiple of the scheme's group that keeps the
 # count within this (2B: head 2304 / 32 -> 18 slices of 128, mlp.down 9216 / 128 -> 18 of 512).
@@ -295,26 +297,3 @@ def wrap_act_residual(model: nn.Module, prefix: str = "", only: tuple[str, ...] 
         else:
             wrapped += wrap_act_residual(child, full + ".", only)
     return wrapped
-
-
-def lookup(table: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
-    """table(tokens), dequantizing only the rows read when the table is a torchao integer tensor.
-
-    torchao's embedding on IntxUnpackedToInt8Tensor dequantizes the whole table at every call: for
-    the 270M's 262144 x 640 rows, 0.67 GB of floats made and dropped per forward -- 27% of `edge
-    export`'s int4 quantize stage (py-spy: GPTQ's calibration passes) and most of an eager decode
-    step. The rows are gathered first and dequantized by torchao's own dequantize_affine: the same
-    arithmetic on every element, so the same values. While tracing (export), the module call is
-    kept: the ExecuTorch lowering fuses dequantize + embedding into its quantized lookup kernels.
-    """
-    w = table.weight
-    if not hasattr(w, "qdata") or torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        return table(tokens)
-    from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, dequantize_affine
-
-    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[w.target_dtype]
-    flat = tokens.reshape(-1)
-    rows = dequantize_affine(
-        w.qdata[flat], w.block_size, w.scale[flat], w.zero_point[flat], torch.int8, qmin, qmax, output_dtype=w.dtype
-    )
-    return rows.view(*tokens.shape, -1)

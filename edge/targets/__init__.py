@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from edge.errors import EdgeError
+
+
+@dataclass
+class Lowered:
+    """What every backend's export returns: the artifact's bytes, its io contract, the delegation report."""
+
+    program: bytes
+    io: dict
+    delegation: dict = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # further files of the artifact (model.ptd)
 
 
 @dataclass(frozen=True)

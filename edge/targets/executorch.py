@@ -16,13 +16,12 @@ import collections
 import collections.abc
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from edge.models.gemma import KVCache, folded_norms, linear_forms
-from edge.targets import Backend
+from edge.targets import Backend, Lowered
 
 
 class RunnerContract(nn.Module):
@@ -53,14 +52,6 @@ def metadata(cfg, max_seq_len: int, bos_id: int, eos_ids: list[int], vocab: int,
         "use_sdpa_with_kv_cache": False,
         "enable_dynamic_shape": dynamic,
     }
-
-
-@dataclass
-class Lowered:
-    program: bytes
-    io: dict
-    delegation: dict = field(default_factory=dict)
-    files: dict[str, bytes] = field(default_factory=dict)  # further files of the artifact (model.ptd)
 
 
 # The weights file of a program whose constants live outside it (ExecuTorch's .ptd, FlatTensor).

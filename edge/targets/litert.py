@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edge.targets.executorch import Lowered
+from edge.targets import Lowered
 from edge.targets.functional import functional_step, metadata  # noqa: F401  (the backend interface)
 
 PREFILL_LENGTHS = (8, 32, 128)

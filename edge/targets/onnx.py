@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edge.targets.executorch import Lowered
+from edge.targets import Lowered
 from edge.targets.functional import functional_step, index_copy_write, metadata  # noqa: F401  (backend interface)
 
 

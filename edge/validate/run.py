@@ -158,9 +158,9 @@ def _stage_logits(stage: str, manifest: dict, host: dict, threads: int | None):
     from edge.validate import stages as st
 
     if stage == "lowered":
-        from edge import api
+        from edge.runtime.runners import open_runner
 
-        return st.runner_logits(api.open_runner(manifest, threads=threads))
+        return st.runner_logits(open_runner(manifest, threads=threads))
     import torch
 
     torch.set_grad_enabled(False)
