@@ -9,7 +9,9 @@ take turns, in a rotated order each round, and the table gives medians over `--r
 load on this shared machine hits all of them alike. Read bandwidth is measured in the same run, once a
 round: decode reads every weight once a token, so bandwidth / model bytes is decode's ceiling.
 
-Contenders: each `--bundle` through `edge bench` (its own runner); llama.cpp on the same GGUF the
+Contenders: each `--bundle` through `edge bench` (its own runner), and a bundle's `model.litertlm` also in
+LiteRT-LM's own engine (benchmarks/peers/litert_lm_bench.py; no accuracy column: the same program as the
+bundle's `.tflite`, whose greedy tokens tests/test_real_device_formats.py checks); llama.cpp on the same GGUF the
 bundles were made from (llama-cpp-python built from source in its own venv by
 benchmarks/peers/llama_cpp.sh, its build flags recorded); eager PyTorch fp32 (`--eager`).
 Accuracy: each bundle's `edge validate --stages lowered` (mean KLD / top-1 vs the fp32 reference on the
@@ -38,6 +40,7 @@ EDGE = [sys.executable, "-m", "edge"]
 CACHE = Path(os.environ.get("EDGE_CACHE", Path.home() / ".cache" / "gemma-edge"))
 LLAMA_VENV = CACHE / "peers" / "llama-cpp" / "venv"
 LLAMA_BENCH = ROOT / "benchmarks" / "peers" / "llama_cpp_bench.py"
+LITERT_LM_BENCH = ROOT / "benchmarks" / "peers" / "litert_lm_bench.py"
 
 
 def run_json(cmd: list[str], timeout: float = 3600) -> dict:
@@ -76,6 +79,18 @@ def bundle_cmd(path: Path, a) -> list[str]:
 def llama_cmd(gguf: Path, ids_file: Path, a) -> list[str]:
     return [str(LLAMA_VENV / "bin" / "python"), str(LLAMA_BENCH), "--gguf", str(gguf), "--prompt-ids",
             str(ids_file), "--gen-len", str(a.gen_len), "--threads", str(a.threads), "--repeats", "1"]  # fmt: skip
+
+
+def litert_lm_cmd(manifest: dict, a) -> list[str] | None:
+    """A bundle's `model.litertlm` in LiteRT-LM's own engine and benchmark (None: the bundle has none)."""
+    package = manifest["io"].get("package")
+    if not package:
+        return None
+    root = Path(manifest["path"])
+    size = (root / manifest["artifact"]).stat().st_size
+    return [sys.executable, str(LITERT_LM_BENCH), "--litertlm", str(root / package["file"]), "--prompt-len",
+            str(a.prompt_len), "--gen-len", str(a.gen_len), "--threads", str(a.threads), "--max-num-tokens",
+            str(manifest["max_seq_len"]), "--model-bytes", str(size)]  # fmt: skip
 
 
 def eager_cmd(ids_file: Path, a) -> list[str]:
@@ -266,6 +281,10 @@ def main() -> None:
         return labels[Path(m["path"])]
 
     contenders = {label(m): bundle_cmd(b, a) for b, m in manifests.items()}
+    for m in manifests.values():  # a .tflite bundle also in the runtime apps use (ours copies the KV cache)
+        cmd = litert_lm_cmd(m, a)
+        if cmd is not None:
+            contenders[f"LiteRT-LM {m['quant']['scheme']['name']} .litertlm" + label(m)[len(base_label(m)) :]] = cmd
     if not a.no_llama_cpp:
         if not (LLAMA_VENV / "bin" / "python").exists():
             raise SystemExit(f"no llama.cpp venv at {LLAMA_VENV}: run benchmarks/peers/llama_cpp.sh first")

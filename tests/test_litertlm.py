@@ -97,3 +97,24 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
         out.append(int(np.argmax(logits)))
         logits = runner.decode(out[-1])
     return out
+
+
+def test_litert_lm_s_own_benchmark_gives_what_compare_reads(packaged):
+    """benchmarks/peers/litert_lm_bench.py (benchmarks/compare.py's LiteRT-LM contender): one JSON line with
+    the fields compare.py reads, the requested token counts, positive rates. Speed itself is not asserted."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, _, folder, entry = packaged
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "peers" / "litert_lm_bench.py"
+    cmd = [sys.executable, str(script), "--litertlm", str(folder / entry["file"]), "--prompt-len", "16",
+           "--gen-len", "8", "--threads", "1", "--max-num-tokens", str(MAX_SEQ), "--model-bytes", "123"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (out["prefill_tokens"], out["decode_tokens"], out["model_bytes"]) == (16, 8, 123), out
+    for key in ("load_s", "time_to_first_token_ms", "prefill_tok_s", "decode_tok_s"):
+        assert out[key] > 0, (key, out)
+    assert out["memory_mb"]["peak"] > 0 and out["decode_ms_per_token"]["p90"] is None
