@@ -249,12 +249,12 @@ SCHEMES: dict[str, Scheme] = {
             None,  # a size lever on the frontier: measured 0.64 (270M), far from the int4 band
             smooth=True,
         ),
-        # Weight-only schemes: float activations. CoreML lowers them (coremltools cannot take dynamic
-        # activation quantization: KeyError torch.int8); XNNPACK must never get them, its partitioner
-        # drops the weight scales of weight-only linears (wrong logits). Bands: not yet measured.
+        # Weight-only schemes: float activations, for ONNX (and CoreML, which lowers them but is offered in
+        # fp32 only: coremltools cannot take dynamic activation quantization, KeyError torch.int8). XNNPACK
+        # must never get them: its partitioner drops the weight scales of weight-only linears (wrong logits).
         Scheme(
             "int8-wo",
-            "int8 weight-only per output channel on linears, head and embedding (CoreML; tied table stored once)",
+            "int8 weight-only per output channel on linears, head and embedding (ONNX; tied table stored once)",
             _w(8, None, act=Act.FLOAT),
             _w(8, None, act=Act.FLOAT),
             _w(8, None, act=Act.FLOAT),
@@ -262,7 +262,7 @@ SCHEMES: dict[str, Scheme] = {
         ),
         Scheme(
             "int4-wo",
-            "int4 g32 weight-only (HQQ scale search) on linears, head and embedding (CoreML)",
+            "int4 g32 weight-only (HQQ scale search) on linears, head and embedding (ONNX)",
             _w(4, 32, Rounding.HQQ, Act.FLOAT),
             _w(4, 32, Rounding.HQQ, Act.FLOAT),
             _w(4, 32, Rounding.HQQ, Act.FLOAT),
