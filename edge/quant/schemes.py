@@ -252,6 +252,7 @@ SCHEMES: dict[str, Scheme] = {
         # Weight-only schemes: float activations, for ONNX (and CoreML, which lowers them but is offered in
         # fp32 only: coremltools cannot take dynamic activation quantization, KeyError torch.int8). XNNPACK
         # must never get them: its partitioner drops the weight scales of weight-only linears (wrong logits).
+        # Bands: not yet measured.
         Scheme(
             "int8-wo",
             "int8 weight-only per output channel on linears, head and embedding (ONNX; tied table stored once)",
