@@ -239,7 +239,7 @@ def test_cli_writes_the_report_and_keeps_the_exit_code(monkeypatch, tmp_path, re
 
     monkeypatch.setattr(run, "validate", lambda *a, **k: result)
     out = tmp_path / "r"
-    cli = CliRunner().invoke(app, ["validate", str(tmp_path), "--report", str(out)])
+    cli = CliRunner().invoke(app, ["validate", str(tmp_path / "bundle"), "--report", str(out)])
     assert cli.exit_code == 1, cli.output  # the verdict fails: exit 1, report written all the same
     assert f"report written to {out / 'report.html'}" in cli.output and "FAIL:" in cli.output
     assert json.loads((out / "report.json").read_text())["verdict"]["passed"] is False
