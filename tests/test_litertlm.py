@@ -108,6 +108,7 @@ def test_litert_lm_s_own_benchmark_gives_what_compare_reads(packaged):
     from pathlib import Path
 
     _, _, folder, entry = packaged
+    before = sorted(p.name for p in folder.iterdir())
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "peers" / "litert_lm_bench.py"
     cmd = [sys.executable, str(script), "--litertlm", str(folder / entry["file"]), "--prompt-len", "16",
            "--gen-len", "8", "--threads", "1", "--max-num-tokens", str(MAX_SEQ), "--model-bytes", "123"]  # fmt: skip
@@ -118,3 +119,4 @@ def test_litert_lm_s_own_benchmark_gives_what_compare_reads(packaged):
     for key in ("load_s", "time_to_first_token_ms", "prefill_tok_s", "decode_tok_s"):
         assert out[key] > 0, (key, out)
     assert out["memory_mb"]["peak"] > 0 and out["decode_ms_per_token"]["p90"] is None
+    assert sorted(p.name for p in folder.iterdir()) == before  # its weight cache went elsewhere, not into the bundle

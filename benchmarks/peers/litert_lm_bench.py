@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import tempfile
 
 
 def main() -> None:
@@ -29,14 +30,19 @@ def main() -> None:
     import litert_lm
     from litert_lm import interfaces
 
-    info = litert_lm.Benchmark(
-        a.litertlm,
-        interfaces.CPU(thread_count=a.threads),
-        prefill_tokens=a.prompt_len,
-        decode_tokens=a.gen_len,
-        max_num_tokens=a.max_num_tokens,
-        activation_data_type=litert_lm.ActivationDataType.FLOAT32,
-    ).run()
+    # Its XNNPACK weight cache goes to a folder of its own: by default LiteRT-LM writes it beside the model,
+    # into the bundle, which then fails its verification (a file its manifest does not list). A fresh one
+    # each run: a cold load, as our runner's (which packs the weights at every load).
+    with tempfile.TemporaryDirectory(prefix="litert-lm-cache-") as cache:
+        info = litert_lm.Benchmark(
+            a.litertlm,
+            interfaces.CPU(thread_count=a.threads),
+            prefill_tokens=a.prompt_len,
+            decode_tokens=a.gen_len,
+            max_num_tokens=a.max_num_tokens,
+            cache_dir=cache,
+            activation_data_type=litert_lm.ActivationDataType.FLOAT32,
+        ).run()
     decode = info.last_decode_tokens_per_second
     print(json.dumps({
         "runtime": f"LiteRT-LM (litert-lm-api {_version()})",
