@@ -227,8 +227,7 @@ def _store(model: nn.Module, folder: Path, inputs: dict, coverage: list[dict]) -
         parts, formats[name] = _flat(name, t)
         for n, p in parts.items():
             p = p.contiguous()
-            # by content: a shared table is two tensors of the same bytes in the head and the lookup (336 MB
-            # of the 270M int4's 447 MB entry when keyed by storage); a tied one, one tensor under two names
+            # by content, not storage: a shared table is two equal tensors (head and lookup) in two storages
             ident = (str(p.dtype), tuple(p.shape), hashlib.blake2b(p.reshape(-1).view(torch.uint8).numpy()).hexdigest())
             if ident in seen:
                 aliases[n] = seen[ident]
