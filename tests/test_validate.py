@@ -272,3 +272,14 @@ def test_an_artifact_the_runtime_cannot_load_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\0" * 64)
     with pytest.raises(EdgeError, match="model.pte does not load"):
         PteRunner(bad)
+
+
+def test_the_api_refuses_a_dump_inside_the_bundle(tiny_bundle):
+    """As the CLI does: a file added to the bundle would make every later command refuse it."""
+    from pathlib import Path
+
+    root = Path(tiny_bundle["path"])
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(EdgeError, match="inside the bundle"):
+        validate(root, stages=["lowered"], dump_logits=root / "device.npz")
+    assert sorted(p.name for p in root.iterdir()) == before

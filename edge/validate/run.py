@@ -253,6 +253,10 @@ def validate(
 
     manifest = bundle_mod.load(bundle)  # every file's sha256 first: a modified file is exit 2
     path = Path(manifest["path"])
+    if dump_logits is not None:  # the CLI checks it too, before loading; callers of the API get the same
+        from edge.paths import expand, outside_bundle
+
+        outside_bundle(expand(dump_logits, "--dump-logits"), path, "--dump-logits")
     prompts = golden.load(path / manifest["golden"]["file"], manifest["arch"]["vocab_size"], manifest["max_seq_len"])
     window = manifest["arch"].get("sliding_window")
     backend = BACKENDS.get(manifest["backend"])
