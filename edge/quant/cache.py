@@ -150,12 +150,8 @@ def store_auto(model: nn.Module, base, scheme, coverage, record: dict, identity:
     try:
         tensors_inputs = key_inputs(scheme, identity, calib)
         _store(model, root() / key_of(tensors_inputs), tensors_inputs, coverage)
-        tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / CHOICE).write_text(json.dumps({"inputs": inputs, "record": record}, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        choice = json.dumps({"inputs": inputs, "record": record}, indent=1)
+        _replace_folder(folder, lambda tmp: (tmp / CHOICE).write_text(choice))
     except OSError as e:
         say(f"quantization cache not written ({e.strerror or e}): the next export searches again")
 
@@ -237,10 +233,8 @@ def _store(model: nn.Module, folder: Path, inputs: dict, coverage: list[dict]) -
             if _nibbles(plain[n]):  # torchao keeps 4-bit values one per int8: two per byte here
                 packed[n] = list(p.shape)
                 plain[n] = _pack4(plain[n])
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(plain, str(tmp / STATE))
         entry = {
             "inputs": inputs,
@@ -253,6 +247,17 @@ def _store(model: nn.Module, folder: Path, inputs: dict, coverage: list[dict]) -
             "coverage": coverage,
         }
         (tmp / ENTRY).write_text(json.dumps(entry, indent=1))
+
+    _replace_folder(folder, write)
+
+
+def _replace_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """An entry written whole into a private folder and renamed into place: never half-written."""
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     finally:
