@@ -201,6 +201,11 @@ def quantize_model(
         for r in coverage:
             if any(w == r["name"] or w.startswith(r["name"] + ".") for w in wrapped):
                 r["activations"] = "dynamic int8, twice: x and its rounding residual, two rows of one call"
+    if scheme.head_exact_rows:  # last: it splits the shared table as quantized above
+        from edge.quant import two_pass
+
+        rows["lm_head"] |= two_pass.install(model, scheme.head_exact_rows)
+        rows["embed"]["two_pass"] = "reads both planes of the head's table"
     return coverage
 
 

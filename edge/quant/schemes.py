@@ -8,7 +8,7 @@ they are measured so that every lever is judged against them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
 
 from edge.errors import EdgeError
@@ -106,6 +106,9 @@ class Scheme:
     # GPTQ picks each group row's scale among shrinks of its absmax (edge/quant/gptq.py CLIP) by the
     # activation-weighted rounding error, instead of the absmax scale alone.
     gptq_scale_search: bool = False
+    # The shared table as two 4-bit planes (edge/quant/two_pass.py): the head scores every row from the
+    # high plane (half the bytes a token) and recomputes this many of the best exactly; 0: the int8 head.
+    head_exact_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.shared_table:
@@ -116,6 +119,8 @@ class Scheme:
                 raise ValueError(
                     f"scheme {self.name}: a shared table needs an 8da8w RTN head and an int8 per-row lookup"
                 )
+        if self.head_exact_rows and (not self.shared_table or self.head.group is not None):
+            raise ValueError(f"scheme {self.name}: a two-pass head splits a shared int8 table, one scale per row")
 
     def quant_for(self, name: str) -> WeightQuant | None:
         """How the linear called `name` is quantized ("lm_head": the head)."""
@@ -163,6 +168,37 @@ def _w(bits: int, group: int | None, rounding: Rounding = Rounding.RTN, act: Act
 # mlp.gate`), put at 4 bits to fit the GGUF's size; why six, measured: docs/quantization.md.
 INT4_GATES = (15, 16, 13, 8, 7, 14)
 
+INT4 = Scheme(
+    "int4",
+    "mixed 4/8-bit within the 4-bit GGUF's size: one int8 table for the lookup and the head (8da8w per"
+    " channel, stored once); linears whose source is Q4_K keep their integers exactly (8da4w g32 plus"
+    " per-group offsets, int8 per row); attn.wq, attn.wo (the 270M's are all Q4_K) and the"
+    f" {len(INT4_GATES)} least sensitive mlp.gate at int4 g32 where not, rounded by GPTQ (group scales"
+    " searched; Hessians on the calibration text and 32 sequences the fp32 model samples); the rest 8da8w"
+    " per channel; SmoothQuant scales folded in (group-constant where a grid is kept); mlp.down and the"
+    " head take each activation row twice, x and its rounding residual (ActResidual)",
+    _w(8, None),
+    _w(8, None),
+    _w(8, None, act=Act.FLOAT),
+    Band(mean_kld=0.03, top1=0.92),
+    smooth=True,
+    overrides=(
+        ("attn.wq", _w(4, 32, Rounding.GPTQ)),
+        ("attn.wo", _w(4, 32, Rounding.GPTQ)),
+        *((f"layers.{i}.mlp.gate", _w(4, 32, Rounding.GPTQ)) for i in INT4_GATES),
+    ),
+    shared_table=True,
+    source_grids=True,
+    int8_offsets=True,
+    act_residual=True,
+    # Eager on the 270M, golden prompts vs fp32 (mean KLD / top-1): the residual on all 154 dynamic
+    # linears 0.0110 / 94.4%, on none 0.0138 / 93.7%, on mlp.down and the head only 0.0119 / 94.3%
+    # at an eighth of the ops (docs/speed.md).
+    act_residual_only=("mlp.down", "lm_head"),
+    gptq_samples=32,
+    gptq_scale_search=True,
+)
+
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
@@ -200,35 +236,14 @@ SCHEMES: dict[str, Scheme] = {
             source_planes=True,
             act_residual=True,
         ),
-        Scheme(
-            "int4",
-            "mixed 4/8-bit within the 4-bit GGUF's size: one int8 table for the lookup and the head (8da8w per"
-            " channel, stored once); linears whose source is Q4_K keep their integers exactly (8da4w g32 plus"
-            " per-group offsets, int8 per row); attn.wq, attn.wo (the 270M's are all Q4_K) and the"
-            f" {len(INT4_GATES)} least sensitive mlp.gate at int4 g32 where not, rounded by GPTQ (group scales"
-            " searched; Hessians on the calibration text and 32 sequences the fp32 model samples); the rest 8da8w"
-            " per channel; SmoothQuant scales folded in (group-constant where a grid is kept); mlp.down and the"
-            " head take each activation row twice, x and its rounding residual (ActResidual)",
-            _w(8, None),
-            _w(8, None),
-            _w(8, None, act=Act.FLOAT),
-            Band(mean_kld=0.03, top1=0.92),
-            smooth=True,
-            overrides=(
-                ("attn.wq", _w(4, 32, Rounding.GPTQ)),
-                ("attn.wo", _w(4, 32, Rounding.GPTQ)),
-                *((f"layers.{i}.mlp.gate", _w(4, 32, Rounding.GPTQ)) for i in INT4_GATES),
-            ),
-            shared_table=True,
-            source_grids=True,
-            int8_offsets=True,
-            act_residual=True,
-            # Eager on the 270M, golden prompts vs fp32 (mean KLD / top-1): the residual on all 154 dynamic
-            # linears 0.0110 / 94.4%, on none 0.0138 / 93.7%, on mlp.down and the head only 0.0119 / 94.3%
-            # at an eighth of the ops (docs/speed.md).
-            act_residual_only=("mlp.down", "lm_head"),
-            gptq_samples=32,
-            gptq_scale_search=True,
+        INT4,
+        replace(
+            INT4,
+            name="int4-2pass",
+            description=INT4.description + "; the shared table as two 4-bit planes: the head scores every row"
+            " from the high plane (half the bytes a token) and recomputes the 512 best exactly from both",
+            head_exact_rows=512,
+            # eager, golden prompts vs fp32: 0.0164 / 93.94% (int4: 0.0125 / 94.05%; docs/speed.md)
         ),
         Scheme(
             "int4-hqq",

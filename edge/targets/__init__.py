@@ -56,7 +56,7 @@ class Backend:
 
 _ET = "pip install 'gemma-edge[executorch]'"
 _LITERT = "pip install 'gemma-edge[litert]'"
-_XNNPACK = ("fp32", "int8", "int4", "int4-hqq", "int4-g128", "rtn-int8", "rtn-int4")
+_XNNPACK = ("fp32", "int8", "int4", "int4-2pass", "int4-hqq", "int4-g128", "rtn-int8", "rtn-int4")
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
