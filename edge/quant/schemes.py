@@ -242,8 +242,7 @@ SCHEMES: dict[str, Scheme] = {
             name="int4-2pass",
             description=INT4.description + "; the shared table as two 4-bit planes: the head scores every row"
             " from the high plane (half the bytes a token) and recomputes the 512 best exactly from both",
-            head_exact_rows=512,
-            # eager, golden prompts vs fp32: 0.0164 / 93.94% (int4: 0.0125 / 94.05%; docs/speed.md)
+            head_exact_rows=512,  # the tail's cost in KLD against the rows recomputed: docs/speed.md
         ),
         Scheme(
             "int4-hqq",

@@ -2,8 +2,8 @@
 
 The table's integers q (one scale s per row, shared by the lookup and the head) are stored as two
 planes of nibbles, q + 128 = 16 H + L. The head scores every row from H alone, through a 4-bit
-per-channel linear (XNNPACK's 4-bit kernel reads the 84 MB plane at the bandwidth; the int8 table
-is 168 MB), with L replaced by its row's mean; then it recomputes the `rows` best of those scores
+per-channel linear (XNNPACK's 4-bit kernel reads at the bandwidth: half the int8 table's time), with
+L replaced by its row's mean; then it recomputes the `rows` best of those scores
 exactly, s (x . q) with x in fp32, and writes them back. Every other row keeps its estimate.
 The lookup reads both planes of the rows it needs. The planes' bytes are those of XNNPACK's 4-bit
 serialization (node_visitor.py, convert_to_qc4w: (v_odd + 8) << 4 | (v_even + 8)), so the external
@@ -61,8 +61,8 @@ class Planes(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The integers q of rows `ids` (any shape), as floats (..., D).
 
-        An embedding, not `plane[ids]`: ExecuTorch's portable index.Tensor gathers element by element
-        (512 rows of a plane: 2.9 ms a call on this host), its embedding kernel copies rows (0.02 ms)."""
+        An embedding, not `plane[ids]`: ExecuTorch's portable index.Tensor gathers element by element, its
+        embedding kernel copies whole rows (~100x faster here: docs/speed.md)."""
         return 16 * _unpack(F.embedding(ids, self.high)) + _unpack(F.embedding(ids, self.low)) - 128
 
     def dot(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
