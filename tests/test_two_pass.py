@@ -69,13 +69,17 @@ def _kld(p_logits, q_logits) -> float:
     return float((p * (np.log(p) - np.log(q))).sum())
 
 
-def test_a_two_pass_bundle_stores_the_high_plane_once_and_lowers_like_eager(tmp_path):
+def test_a_two_pass_bundle_stores_the_high_plane_once_and_lowers_like_eager(tmp_path, monkeypatch, capsys):
     """Lowered vs eager, against the int4 bundle's own lowered vs eager (dynamic int8 activations make the
     random tiny model chaotic: conftest.check_lowering_adds_only_noise says why no fixed bound holds).
 
     Rows near the K-th of the first pass may be recomputed in one and estimated in the other: so the best
-    rows are compared value by value, the whole distribution by its KLD."""
+    rows are compared value by value, the whole distribution by its KLD. Both schemes share one quantization
+    cache entry (int4's tensors, split afterwards)."""
     from edge import api
+    from edge.quant import cache
+
+    monkeypatch.setenv("EDGE_QUANT_CACHE", str(tmp_path / "quant"))
     from edge.runtime.eager import EagerRunner
 
     ids = [2, 40, 41, 42, 1000, 7, 99, 3]
@@ -86,6 +90,8 @@ def test_a_two_pass_bundle_stores_the_high_plane_once_and_lowers_like_eager(tmp_
             "tiny-test", "linux", "xnnpack", scheme, out=tmp_path / scheme, random_weights=True, max_seq_len=64,
             on_quantized=lambda model, held=held: held.setdefault("model", model),
         )  # fmt: skip
+        err = capsys.readouterr().err
+        assert ("quantized tensors from the cache" in err) == (scheme == "int4"), err[-2000:]
         want = EagerRunner(held["model"]).all_logits(ids)
         runner = api.open_runner(m)
         got = [runner.prefill(ids[:1])] + [runner.decode(t) for t in ids[1:]]
@@ -98,6 +104,7 @@ def test_a_two_pass_bundle_stores_the_high_plane_once_and_lowers_like_eager(tmp_
     assert top_err["int4-2pass"] <= 3 * top_err["int4"] + 1e-3, top_err
     assert kld["int4-2pass"] <= 3 * kld["int4"] + 1e-4, kld
     assert any("two_pass" in r for r in made["int4-2pass"]["quant"]["coverage"])
+    assert [e["scheme"] for e in cache.entries()] == ["int4"]
     # int4: the int8 table once (v * d bytes). Two-pass: its two planes (v * d / 2 each) and three (v,) float
     # vectors (scales, 16x scales, the low plane's row means); the high plane twice would add v * d / 2.
     v, d = 262_144, 64

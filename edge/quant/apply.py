@@ -204,8 +204,7 @@ def quantize_model(
     if scheme.head_exact_rows:  # last: it splits the shared table as quantized above
         from edge.quant import two_pass
 
-        rows["lm_head"] |= two_pass.install(model, scheme.head_exact_rows)
-        rows["embed"]["two_pass"] = "reads both planes of the head's table"
+        two_pass.apply(model, scheme, coverage)
     return coverage
 
 

@@ -62,13 +62,17 @@ def source_identity(source: dict, config: dict) -> dict | None:
     return None
 
 
+_ADDED = {"head_exact_rows": 0}  # Scheme fields added after the recipe's version, with their defaults
+
+
 def key_inputs(scheme, identity: dict, calib: list[list[int]] | None) -> dict:
     import importlib.metadata as md
 
     inputs = {
         "recipe": RECIPE,
         "source": identity,
-        "scheme": scheme.to_dict(),
+        # a field added since entries were first written, at its default, is left out: their keys stay valid
+        "scheme": {k: v for k, v in scheme.to_dict().items() if not (k in _ADDED and v == _ADDED[k])},
         "calibration_sha256": hashlib.sha256(json.dumps(calib).encode()).hexdigest() if calib else None,
         # Kernels and rounding of torch / torchao decide the numbers too.
         "torch": torch.__version__,
@@ -96,6 +100,11 @@ def quantize(
     identity: source_identity() of the weights (None: never cached). Returns the coverage report."""
     from edge.quant.apply import quantize_model
 
+    if scheme.head_exact_rows:  # the tensors are its base scheme's, split afterwards: one entry for both
+        from edge.quant import two_pass
+
+        coverage = quantize(model, two_pass.base_scheme(scheme), calib, grids, identity, progress, use_cache, say)
+        return two_pass.apply(model, scheme, coverage)
     cacheable = use_cache and identity is not None and scheme.quantized and not scheme.float16
     if not cacheable:
         return quantize_model(model, scheme, calib, progress=progress, grids=grids)

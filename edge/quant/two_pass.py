@@ -123,6 +123,29 @@ class TwoPassHead(nn.Module):
         return scores.scatter(-1, ids, exact).reshape(*lead, self.out_features)
 
 
+def base_scheme(scheme):
+    """The scheme whose quantized tensors a two-pass scheme splits (int4 for int4-2pass): the quantization
+    cache keeps those, so either scheme's export fills the other's cache."""
+    from dataclasses import replace
+
+    from edge.quant.schemes import SCHEMES
+
+    base = replace(scheme, head_exact_rows=0)
+    same = [s for s in SCHEMES.values() if replace(s, name=base.name, description=base.description) == base]
+    return same[0] if same else base
+
+
+def apply(model: nn.Module, scheme, coverage: list[dict]) -> list[dict]:
+    """Split the quantized model's shared table for `scheme` (a no-op without head_exact_rows); the
+    coverage report says so."""
+    if not scheme.head_exact_rows:
+        return coverage
+    rows = {r["name"]: r for r in coverage}
+    rows["lm_head"] |= install(model, scheme.head_exact_rows)
+    rows["embed"]["two_pass"] = "reads both planes of the head's table"
+    return coverage
+
+
 def install(model: nn.Module, rows: int) -> dict:
     """Replace the model's shared int8 head and lookup by the two-pass head and a lookup over its planes.
 
