@@ -100,13 +100,12 @@ class TwoPassHead(nn.Module):
         out_f, in_f = q.shape
         self.in_features, self.out_features, self.exact_rows = in_f, out_f, rows
         self.planes = Planes(q, scale)
-        high = ((q.to(torch.int16) + 128) >> 4) - 8  # signed, -8..7: torchao's int4 values
+        u = q.to(torch.int16) + 128  # 16 H + L
         s16 = 16 * scale.reshape(-1, 1).float()
         self.high = nn.Linear(in_f, out_f, bias=False)
-        self.high.weight = nn.Parameter(high.float() * s16, requires_grad=False)
-        install_intx(self.high, 4, None, s16)  # 8da4w per channel: q = high exactly, scale 16 s
-        low_mean = ((q.to(torch.int16) + 128) & 15).float().mean(-1)
-        self.register_buffer("low_mean", low_mean * scale.reshape(-1).float())
+        self.high.weight = nn.Parameter(((u >> 4) - 8).float() * s16, requires_grad=False)  # H - 8: -8..7
+        install_intx(self.high, 4, None, s16)  # 8da4w per channel: torchao's int4 values are H - 8 exactly
+        self.register_buffer("low_mean", (u & 15).float().mean(-1) * self.planes.scale)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -136,28 +135,20 @@ def base_scheme(scheme):
 
 
 def apply(model: nn.Module, scheme, coverage: list[dict]) -> list[dict]:
-    """Split the quantized model's shared table for `scheme` (a no-op without head_exact_rows); the
-    coverage report says so."""
+    """Replace the quantized model's shared int8 head and lookup by the two-pass head and a lookup over its
+    planes (a no-op without head_exact_rows); the coverage report says so."""
     if not scheme.head_exact_rows:
         return coverage
-    rows = {r["name"]: r for r in coverage}
-    rows["lm_head"] |= install(model, scheme.head_exact_rows)
-    rows["embed"]["two_pass"] = "reads both planes of the head's table"
-    return coverage
-
-
-def install(model: nn.Module, rows: int) -> dict:
-    """Replace the model's shared int8 head and lookup by the two-pass head and a lookup over its planes.
-
-    Returns what the coverage report records about it."""
     head = model.lm_head
     weight = getattr(head, "lin", head).weight  # an ActResidual head: its second row is not needed here
     q, scale = weight.qdata, weight.scale
     if q.dtype != torch.int8 or scale.shape != (q.shape[0], 1) or (weight.zero_point != 0).any():
         raise ValueError("a two-pass head needs the shared int8 table, symmetric, one scale per row")
-    model.lm_head = TwoPassHead(q, scale, rows)
+    k = scheme.head_exact_rows
+    model.lm_head = TwoPassHead(q, scale, k)
     model.embed = PlaneLookup(model.lm_head.planes)
-    return {
-        "two_pass": f"every row scored from the high 4-bit plane, the {rows} best recomputed from both planes",
-        "activations": "dynamic int8 for the scoring pass, fp32 for the rows recomputed",
-    }
+    rows = {r["name"]: r for r in coverage}
+    rows["lm_head"]["two_pass"] = f"every row scored from the high 4-bit plane, the {k} best recomputed from both"
+    rows["lm_head"]["activations"] = "dynamic int8 for the scoring pass, fp32 for the rows recomputed"
+    rows["embed"]["two_pass"] = "reads both planes of the head's table"
+    return coverage
