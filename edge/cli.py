@@ -127,8 +127,8 @@ def export(
         typer.Option(
             "--quant",
             "-q",
-            help="fp32 | int8 | int4 | int4-hqq | int4-g128 | int8-wo | int4-wo | rtn-* (by backend: README),"
-            " or auto: the fewest bytes within --max-kld",
+            help="fp32 | int8 | int4 | int4-2pass | int4-hqq | int4-g128 | int8-wo | int4-wo | rtn-*"
+            " (by backend: README), or auto: the fewest bytes within --max-kld",
         ),
     ] = None,
     max_kld: Annotated[
