@@ -182,6 +182,8 @@ def test_onnx_carries_the_dynamic_schemes(tmp_path, scheme):
     integers = [i.raw_data for i in graph.initializer if i.data_type == onnx_pkg.TensorProto.UINT8 and len(i.dims) > 1]
     assert len(set(integers)) == len(integers)  # no weight stored twice
     floats = [i for i in graph.initializer if i.data_type == onnx_pkg.TensorProto.FLOAT and len(i.dims) == 2]
+    # ActResidual's rows summed before MatMulNBits (onnx_quant._summed_pair): no (1, 2) row-sum weight left
+    assert not any(tuple(i.dims) == (1, 2) for i in floats)
     float_shapes = {tuple(sorted(i.dims)) for i in floats if not i.name.endswith(".scales")}
     weights = {n: m._parameters["weight"] for n, m in model.named_modules() if n in quantized}
     assert not float_shapes & {tuple(sorted(w.shape)) for w in weights.values()}  # no float copy left behind

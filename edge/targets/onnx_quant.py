@@ -76,6 +76,19 @@ def _fake_quant_input(mod: nn.Module, args: tuple) -> tuple:
     return (fake_quant_act(args[0]), *args[1:])
 
 
+def _summed_pair(self, x: torch.Tensor) -> torch.Tensor:
+    """ActResidual's two rounded rows summed BEFORE its float linear: W fq(x) + W fq(r) = W (fq(x) + fq(r))
+    in fp32, so one row goes in. Two rows put MatMulNBits on MLAS's M > 1 path, which dequantizes the
+    whole weight to fp32 at every call: the 270M's head read 2 x ~55 ms a decode step that way. Each
+    row is rounded per slice of `group` inputs, as the pre-hooks would round each part's input."""
+    from edge.quant.smooth import fake_quant_act
+
+    g = self.group or self.in_features
+    rows = torch.stack([x, x - self.rounded(x)], dim=-2)
+    rows = fake_quant_act(rows.unflatten(-1, (self.in_features // g, g))).flatten(-2)
+    return self.lin(rows.sum(-2))
+
+
 @contextmanager
 def dequantized(model: nn.Module, dynamic_ok: bool = False, fake_quant: bool = False):
     """The model with float weights equal to its quantized ones; yields {hash: (IntWeight, transposed)}.
@@ -86,7 +99,11 @@ def dequantized(model: nn.Module, dynamic_ok: bool = False, fake_quant: bool = F
     module's input is then quantized and dequantized in float ops in front of the float weight
     (edge/quant/smooth.py fake_quant_act, torchao's rounding bit for bit), so the exported graph
     computes what the eager 8da linear computes, whatever op later takes the weight."""
-    found, kept, hooks = _Found(), [], []
+    from edge.quant.split import ActResidual
+
+    found, kept, hooks, summed = _Found(), [], [], {}
+    # every module inside an ActResidual's linear (a PlaneSum's planes, a ColumnSplitLinear's parts) -> it
+    pairs = {id(s): m for m in model.modules() if isinstance(m, ActResidual) for s in m.lin.modules()}
     try:  # restores what was changed when a weight is refused midway too
         for name, mod in model.named_modules():
             # its own: a wrapper's `weight` property (ActResidual) is its inner linear's
@@ -96,7 +113,9 @@ def dequantized(model: nn.Module, dynamic_ok: bool = False, fake_quant: bool = F
             dynamic = getattr(w, "activation_quantization", None) is not None
             if dynamic and not (dynamic_ok or fake_quant):
                 raise NotImplementedError(f"{name}: dynamic activation quantization has no exact ONNX form here")
-            if dynamic and fake_quant:
+            if dynamic and fake_quant and id(mod) in pairs:
+                summed[id(pairs[id(mod)])] = pairs[id(mod)]
+            elif dynamic and fake_quant:
                 hooks.append(mod.register_forward_pre_hook(_fake_quant_input))
             if torch.count_nonzero(w.zero_point):
                 raise NotImplementedError(f"{name}: asymmetric weights (non-zero zero points)")
@@ -112,10 +131,14 @@ def dequantized(model: nn.Module, dynamic_ok: bool = False, fake_quant: bool = F
                 found.kinds.setdefault(key, {})[kind] = iw
             kept.append((mod, w))
             mod.weight = nn.Parameter(deq, requires_grad=False)
+        for m in summed.values():
+            m.forward = _summed_pair.__get__(m)
         yield found
     finally:
         for h in hooks:
             h.remove()
+        for m in summed.values():
+            m.__dict__.pop("forward", None)  # the class's own again
         for mod, w in kept:
             mod.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
 
