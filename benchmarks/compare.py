@@ -13,9 +13,12 @@ Contenders: each `--bundle` through `edge bench` (its own runner), and a bundle'
 LiteRT-LM's own engine (benchmarks/peers/litert_lm_bench.py; no accuracy column: the same program as the
 bundle's `.tflite`, whose greedy tokens tests/test_real_device_formats.py checks); llama.cpp on the same GGUF the
 bundles were made from (llama-cpp-python built from source in its own venv by
-benchmarks/peers/llama_cpp.sh, its build flags recorded); eager PyTorch fp32 (`--eager`).
+benchmarks/peers/llama_cpp.sh, its build flags recorded); ExecuTorch's stock LLM export of the same weights
+(optimum-executorch's recipe: 8da4w linears, 8-bit embedding, custom SDPA and KV cache; exported in its own
+venv by benchmarks/peers/executorch_stock.sh, included when built, run by executorch_stock_bench.py);
+eager PyTorch fp32 (`--eager`).
 Accuracy: each bundle's `edge validate --stages lowered` (mean KLD / top-1 vs the fp32 reference on the
-golden prompts), and llama.cpp's logits on the same golden prompts scored by the same code.
+golden prompts), and llama.cpp's and the stock export's logits on the same golden prompts scored by the same code.
 
 Writes OUT/compare.json (every round's raw figures), OUT/compare.md (the table) and OUT/compare.png.
 """
@@ -41,6 +44,11 @@ CACHE = Path(os.environ.get("EDGE_CACHE", Path.home() / ".cache" / "gemma-edge")
 LLAMA_VENV = CACHE / "peers" / "llama-cpp" / "venv"
 LLAMA_BENCH = ROOT / "benchmarks" / "peers" / "llama_cpp_bench.py"
 LITERT_LM_BENCH = ROOT / "benchmarks" / "peers" / "litert_lm_bench.py"
+STOCK_DIR = CACHE / "peers" / "executorch-stock"
+STOCK_PY = STOCK_DIR / "venv" / "bin" / "python"
+STOCK_PTE = STOCK_DIR / "model.pte"
+STOCK_BENCH = ROOT / "benchmarks" / "peers" / "executorch_stock_bench.py"
+STOCK = "ExecuTorch stock (optimum-executorch 8da4w) .pte"
 
 
 def run_json(cmd: list[str], timeout: float = 3600) -> dict:
@@ -79,6 +87,11 @@ def bundle_cmd(path: Path, a) -> list[str]:
 def llama_cmd(gguf: Path, ids_file: Path, a) -> list[str]:
     return [str(LLAMA_VENV / "bin" / "python"), str(LLAMA_BENCH), "--gguf", str(gguf), "--prompt-ids",
             str(ids_file), "--gen-len", str(a.gen_len), "--threads", str(a.threads), "--repeats", "1"]  # fmt: skip
+
+
+def stock_cmd(ids_file: Path, a) -> list[str]:
+    return [str(STOCK_PY), str(STOCK_BENCH), "--pte", str(STOCK_PTE), "--prompt-ids", str(ids_file), "--gen-len",
+            str(a.gen_len), "--threads", str(a.threads), "--repeats", "1"]  # fmt: skip
 
 
 def litert_lm_cmd(manifest: dict, a) -> list[str] | None:
@@ -133,8 +146,9 @@ def bundle_accuracy(path: Path, threads: int) -> dict:
     return {"mean_kld": o["mean_kld"], "top1": o["top1"], "verdict": r["verdict"]["passed"]}
 
 
-def llama_accuracy(gguf: Path, golden_file: Path, threads: int) -> dict:
-    """llama.cpp's logits on the golden prompts, through the same Observed / score code as a device dump."""
+def peer_accuracy(cmd: list[str], golden_file: Path) -> dict:
+    """A peer's logits on the golden prompts (its bench script's --observe), through the same Observed /
+    score code as a device dump."""
     from edge.validate import golden
     from edge.validate import stages as st
 
@@ -143,8 +157,7 @@ def llama_accuracy(gguf: Path, golden_file: Path, threads: int) -> dict:
         req = Path(d) / "golden-request.npz"
         out = Path(d) / "observed.npz"
         st.write_observe_request(req, prompts)
-        run_json([str(LLAMA_VENV / "bin" / "python"), str(LLAMA_BENCH), "--gguf", str(gguf), "--threads",
-                  str(threads), "--observe", str(req), "--observe-out", str(out)])  # fmt: skip
+        run_json([*cmd, "--observe", str(req), "--observe-out", str(out)])
         observed, _ = st.load_dump(out)
     o = st.score(prompts, observed)["overall"]
     return {"mean_kld": o["mean_kld"], "top1": o["top1"], "verdict": None}
@@ -188,13 +201,14 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         lines.append("| " + " | ".join("-" if row.get(k) is None else f.format(row[k]) for k, _, f in cols) + " |")
     m, a = result["machine"], result["args"]
-    base = next((r for r in result["rows"] if r["name"].startswith("llama.cpp")), None)
     ratios = []
-    if base:
-        for r in result["rows"]:
-            if r is not base and r["decode_tok_s"] and base["decode_tok_s"]:
+    # Every row against llama.cpp; ours against the stock ExecuTorch export too (the goal: decode >= 1.25x it).
+    for prefix, whom, only in (("llama.cpp", "llama.cpp", ""), (STOCK, "ExecuTorch stock", "gemma-edge")):
+        base = next((r for r in result["rows"] if r["name"].startswith(prefix)), None)
+        for r in result["rows"] if base and base["decode_tok_s"] else []:
+            if r is not base and r["name"].startswith(only) and r["decode_tok_s"]:
                 ratios.append(f"{r['name']}: decode {r['decode_tok_s'] / base['decode_tok_s']:.2f}x, prefill "
-                              f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x llama.cpp")  # fmt: skip
+                              f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}x {whom}")  # fmt: skip
     return "\n".join([
         f"Measured {result['date']} on {m['cpu']} ({m['cores']} cores, {m['memory_gib']} GiB), {a['threads']} threads,"
         f" {a['prompt_len']}-token prompt then {a['gen_len']} greedy tokens, medians of {a['rounds']} alternated"
@@ -214,7 +228,8 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.6))
     for ax, key, title in ((axes[0], "decode_tok_s", "decode tok/s"), (axes[1], "prefill_tok_s", "prefill tok/s")):
         vals = [r[key] or 0 for r in rows]
-        bars = ax.barh(names, vals, color=["#888" if n.startswith(("llama", "eager")) else "#2a7" for n in names])
+        peer = ("llama", "eager", "ExecuTorch")
+        bars = ax.barh(names, vals, color=["#888" if n.startswith(peer) else "#2a7" for n in names])
         ax.bar_label(bars, fmt="%.0f", padding=3)
         ax.set_title(title)
         ax.invert_yaxis()
@@ -233,6 +248,7 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, action="append", default=[], help="a bundle folder (repeatable)")
     p.add_argument("--gguf", type=Path, default=CACHE / "gemma-3-270m-q4_k_m.gguf", help="llama.cpp's model")
     p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--no-stock-executorch", action="store_true", help="leave out ExecuTorch's stock export")
     p.add_argument("--eager", action="store_true", help="also eager PyTorch fp32")
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--rounds", type=int, default=3)
@@ -254,7 +270,7 @@ def main() -> None:
     from edge.models.tokenizer import Tokenizer
 
     manifests = {b: bundle_mod.load(b) for b in a.bundle}
-    if not manifests and a.no_llama_cpp and not a.eager:
+    if not manifests and a.no_llama_cpp and (a.no_stock_executorch or not STOCK_PTE.exists()) and not a.eager:
         p.error("nothing to compare: give --bundle, or leave llama.cpp / add --eager")
     tok_file = next((Path(m["path"]) / m["tokenizer"]["file"] for m in manifests.values()), None)
     if tok_file is None:
@@ -289,6 +305,12 @@ def main() -> None:
         if not (LLAMA_VENV / "bin" / "python").exists():
             raise SystemExit(f"no llama.cpp venv at {LLAMA_VENV}: run benchmarks/peers/llama_cpp.sh first")
         contenders["llama.cpp Q4_K_M .gguf"] = llama_cmd(a.gguf, ids_file, a)
+    if not a.no_stock_executorch:
+        if STOCK_PTE.exists() and STOCK_PY.exists():
+            contenders[STOCK] = stock_cmd(ids_file, a)
+        else:  # a 16-minute export: not built on the fly
+            print(f"no stock ExecuTorch peer at {STOCK_PTE}: build it with benchmarks/peers/executorch_stock.sh;"
+                  " skipped", file=sys.stderr)  # fmt: skip
     if a.eager:
         contenders["eager PyTorch fp32"] = eager_cmd(ids_file, a)
 
@@ -309,10 +331,14 @@ def main() -> None:
     if not a.no_accuracy:
         for b, m in manifests.items():
             acc[label(m)] = bundle_accuracy(b, a.threads)
-        if not a.no_llama_cpp:
-            golden_file = next((Path(m["path"]) / m["golden"]["file"] for m in manifests.values()), None)
-            if golden_file is not None:
-                acc["llama.cpp Q4_K_M .gguf"] = llama_accuracy(a.gguf, golden_file, a.threads)
+        # The peers are scored on a bundle's golden prompts (without a bundle, none to score on).
+        golden_file = next((Path(m["path"]) / m["golden"]["file"] for m in manifests.values()), None)
+        peers = {"llama.cpp Q4_K_M .gguf": [str(LLAMA_VENV / "bin" / "python"), str(LLAMA_BENCH), "--gguf",
+                                            str(a.gguf)],
+                 STOCK: [str(STOCK_PY), str(STOCK_BENCH), "--pte", str(STOCK_PTE)]}  # fmt: skip
+        for n, cmd in peers.items():
+            if n in contenders and golden_file is not None:
+                acc[n] = peer_accuracy([*cmd, "--threads", str(a.threads)], golden_file)
         if a.eager:
             acc["eager PyTorch fp32"] = {"mean_kld": 0.0, "top1": 1.0}  # the reference itself
     # Greedy tokens of the same model in two runtimes may part at a near-tie; recorded, not asserted.
@@ -330,6 +356,8 @@ def main() -> None:
     llama_build = CACHE / "peers" / "llama-cpp" / "build.json"
     if not a.no_llama_cpp and llama_build.exists():
         result["llama_cpp_build"] = json.loads(llama_build.read_text())
+    if STOCK in contenders and (STOCK_DIR / "build.json").exists():
+        result["executorch_stock_build"] = json.loads((STOCK_DIR / "build.json").read_text())
     (a.out / "compare.json").write_text(json.dumps(result, indent=1))
     render(result, a.out)
 
