@@ -38,8 +38,13 @@ def main() -> None:
     ap.add_argument("--quant", default="int4")
     ap.add_argument("--clip", help="comma-separated scale shrinks GPTQ may pick from (default: gptq.CLIP)")
     ap.add_argument("--gptq-samples", type=int, help="sequences sampled from the model for GPTQ's Hessians")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a Scheme field with a Python literal (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a Scheme field with a Python literal (repeatable)",
+    )
     ap.add_argument("--json", help="append the result as one JSON line here")
     args = ap.parse_args()
     torch.set_grad_enabled(False)

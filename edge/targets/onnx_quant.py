@@ -178,6 +178,18 @@ def _planes(iw: IntWeight) -> list[np.ndarray]:
     return [u] if iw.bits == 4 else [u >> 4, u & 15]
 
 
+# int8 weights multiplied by onnxruntime's int8 kernel (MatMulNBits bits 8, accuracy_level 4): the head, 2/3 of
+# a decode step's bytes. Its two 4-bit planes in fp32 took ~15 ms a token, the 8-bit kernel ~4 (both read
+# 168 MB); onnxruntime then rounds the summed ActResidual rows again (symmetric int8 per block of K), which
+# moved the 270M int4's logits by a mean KLD of 3e-4 from the all-fp32 graph (benchmarks/onnx_accuracy_level.py).
+INT8_COMPUTE = ("lm_head",)
+
+
+def _int8_compute(iw: IntWeight) -> bool:
+    # dynamic only: a weight-only scheme's float activations stay exact
+    return iw.bits == 8 and iw.dynamic and iw.kind == "linear" and iw.name.split(".")[0] in INT8_COMPUTE
+
+
 def _block(iw: IntWeight) -> int | None:
     """MatMulNBits' / GatherBlockQuantized's block for `iw`: a power of two >= 16 dividing its group (a
     per-channel group is the whole row), or None when there is none (the op stays float)."""
@@ -207,9 +219,9 @@ def rewrite(model_proto, found: dict) -> list[dict]:
                 keys[init.name] = k
     rows: dict[str, dict] = {}
 
-    def row(iw: IntWeight, block: int | None, op: str) -> None:
-        # "planes": how many 4-bit MatMulNBits weights hold it (int8: two, _planes; 0: float)
-        planes = (1 if iw.bits == 4 else 2) if block else 0
+    def row(iw: IntWeight, block: int | None, op: str, st: _Stored | None = None) -> None:
+        # "planes": how many MatMulNBits weights hold it (int8: two 4-bit ones, _planes, or one 8-bit; 0: float)
+        planes = (len(st.planes) if st else 1 if iw.bits == 4 else 2) if block else 0
         new = {"name": iw.name, "bits": iw.bits, "block": block, "planes": planes, "onnx": []}
         rows.setdefault(iw.name, new)["onnx"].append(op)
 
@@ -243,6 +255,12 @@ def rewrite(model_proto, found: dict) -> list[dict]:
         return found.get_as(keys[node.input[0 if node.op_type == "Gather" else 1]], "linear")[2]
 
     def stored(iw: IntWeight, block: int, cid: int) -> _Stored:
+        if cid not in packed and cid in int8_compute:  # the lookup of a tied table reads those bytes too
+            n, k = iw.q.shape
+            base = f"{iw.name}.q8"
+            g.initializer.append(numpy_helper.from_array(_unsigned(iw).reshape(n, k // block, block), base))
+            g.initializer.append(numpy_helper.from_array(_block_scales(iw, block), base + ".scales"))
+            packed[cid] = _Stored([base], base + ".scales", None, block, bits=8)
         if cid not in packed:
             n, k = iw.q.shape
             base = f"{iw.name}.q{iw.bits}"
@@ -264,6 +282,7 @@ def rewrite(model_proto, found: dict) -> list[dict]:
         return packed[cid]
 
     read_by_matmul = {content(node) for node in g.node if (iw := matmul_weight(node)) is not None and _block(iw)}
+    int8_compute = {content(node) for node in g.node if (iw := matmul_weight(node)) is not None and _int8_compute(iw)}
     new_nodes, used = [], set()
     for node in g.node:
         rep: list = []
@@ -272,16 +291,18 @@ def rewrite(model_proto, found: dict) -> list[dict]:
             if block is None:
                 row(iw, None, f"MatMul (float: group {iw.group} has no power-of-two block >= 16)")
             else:
-                rep = _matmul_planes(helper, numpy_helper, g, iw, stored(iw, block, content(node)), node)
-                row(iw, block, "MatMulNBits")
+                st = stored(iw, block, content(node))
+                rep = _matmul_planes(helper, numpy_helper, g, iw, st, node)
+                row(iw, block, "MatMulNBits", st)
                 used.add(node.input[1])
         elif (iw := gather_weight(node)) is not None:
             block = _block(iw)
             if block is None:
                 row(iw, None, f"Gather (float: group {iw.group} has no power-of-two block >= 16)")
             elif content(node) in read_by_matmul:
-                rep = _lookup_from_packed(helper, numpy_helper, g, iw, stored(iw, block, content(node)), node)
-                row(iw, block, "Gather of MatMulNBits' integers")
+                st = stored(iw, block, content(node))
+                rep = _lookup_from_packed(helper, numpy_helper, g, iw, st, node)
+                row(iw, block, "Gather of MatMulNBits' integers", st)
                 used.add(node.input[0])
             else:
                 u, s = _packed(iw, block)
@@ -318,12 +339,14 @@ def rewrite(model_proto, found: dict) -> list[dict]:
 @dataclass
 class _Stored:
     """A weight's initializers: 4-bit planes [N, K / block, block / 2] (int4: one; int8: high and low
-    nibbles, _planes), the block scales [N, K / block], and the low plane's zero points (0)."""
+    nibbles, _planes) or one 8-bit [N, K / block, block] (`bits` 8: INT8_COMPUTE), the block scales
+    [N, K / block], and the low plane's zero points (0)."""
 
     planes: list[str]
     scales: str
     zero_points: str | None
     block: int
+    bits: int = 4
 
 
 def _matmul_planes(helper, numpy_helper, g, iw: IntWeight, st: _Stored, node) -> list:
@@ -340,9 +363,10 @@ def _matmul_planes(helper, numpy_helper, g, iw: IntWeight, st: _Stored, node) ->
             domain=MS,
             K=k,
             N=n,
-            bits=4,
+            bits=st.bits,
             block_size=st.block,
-            accuracy_level=0,  # fp32 compute: the activations arrive already rounded as eager rounds them
+            # 0, fp32 compute: the activations arrive already rounded as eager rounds them; 4: INT8_COMPUTE
+            accuracy_level=4 if st.bits == 8 else 0,
         )
 
     if len(st.planes) == 1:
@@ -358,23 +382,33 @@ def _matmul_planes(helper, numpy_helper, g, iw: IntWeight, st: _Stored, node) ->
 
 def _lookup_from_packed(helper, numpy_helper, g, iw: IntWeight, st: _Stored, node) -> list:
     """Nodes computing Gather(table, ids) from the MatMulNBits planes and scales: each plane's rows
-    gathered and unpacked (low nibble first), int4 q = U - 8, int8 q = 16 H + L - 128, times the
-    gathered block scales."""
+    gathered and unpacked (low nibble first), int4 q = U - 8, int8 q = 16 H + L - 128 (or U - 128 from
+    one 8-bit weight), times the gathered block scales."""
     ids, out = node.input[1], node.output[0]
     p = f"{node.name or out}.lookup"
     k = iw.q.shape[1]
-    consts = {
-        p + ".mask": np.array(15, np.uint8),
-        p + ".four": np.array(4, np.uint8),
-        p + ".last": np.array([-1], np.int64),
-        p + ".blocks": np.array([0, 0, k // st.block, st.block], np.int64),  # ids are [1, T]: 0 keeps both axes
-        p + ".row": np.array([0, 0, k], np.int64),
-        p + ".centre": np.array(1 << (iw.bits - 1), np.float32),
-    } | ({p + ".sixteen": np.array(16, np.float32)} if len(st.planes) == 2 else {})
+    nibbles = {p + ".mask": np.array(15, np.uint8), p + ".four": np.array(4, np.uint8)} if st.bits == 4 else {}
+    consts = (
+        nibbles
+        | {
+            p + ".last": np.array([-1], np.int64),
+            p + ".blocks": np.array([0, 0, k // st.block, st.block], np.int64),  # ids are [1, T]: 0 keeps both axes
+            p + ".row": np.array([0, 0, k], np.int64),
+            p + ".centre": np.array(1 << (iw.bits - 1), np.float32),
+        }
+        | ({p + ".sixteen": np.array(16, np.float32)} if len(st.planes) == 2 else {})
+    )
     g.initializer.extend(numpy_helper.from_array(v, n) for n, v in consts.items())
     nodes, values = [], []
     for i, plane in enumerate(st.planes):
         q = f"{p}.{i}"
+        if st.bits == 8:  # a byte a value: no unpacking
+            nodes += [
+                helper.make_node("Gather", [plane, ids], [q + ".u8"], axis=0),
+                helper.make_node("Cast", [q + ".u8"], [q + ".f"], to=1),
+            ]
+            values.append(q + ".f")
+            continue
         nodes += [
             helper.make_node("Gather", [plane, ids], [q + ".u8"], axis=0),
             helper.make_node("BitwiseAnd", [q + ".u8", p + ".mask"], [q + ".lo"]),
