@@ -3,7 +3,7 @@
 Inputs `tokens` int64 [1, T] (T dynamic), `input_pos` int64 [T] (consecutive positions) and
 `past_k_<i>` / `past_v_<i>` float32 [1, n_kv_heads, max_seq_len, head_dim]; outputs `logits`
 float32 [1, V] of the last position and `present_k_<i>` / `present_v_<i>`, the cache written at
-input_pos (ScatterND). The attention mask is computed inside from the positions.
+input_pos (ScatterElements). The attention mask is computed inside from the positions.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edge.targets import Lowered
-from edge.targets.functional import functional_step, index_copy_write, metadata  # noqa: F401  (backend interface)
+from edge.targets.functional import functional_step, metadata, scatter_write  # noqa: F401  (backend interface)
 
 
 class Graph(nn.Module):
@@ -21,7 +21,7 @@ class Graph(nn.Module):
         self.model, self.vocab = model, vocab
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *kv: torch.Tensor) -> tuple:
-        logits, kv = functional_step(self.model, self.vocab, tokens, input_pos, list(kv), index_copy_write)
+        logits, kv = functional_step(self.model, self.vocab, tokens, input_pos, list(kv), scatter_write)
         return (logits, *kv)
 
 
