@@ -113,8 +113,9 @@ BACKENDS: dict[str, Backend] = {
             ("fp32", "int8", "int4", "int4-hqq", "int4-g128", "int8-wo", "int4-wo"),
             note="one graph for prefill and decode, KV cache in and out; runs with numpy + onnxruntime",
             runtime="onnxruntime",
-            # The scheme's integers in 4-bit MatMulNBits (int8 as two planes, fp32 compute) and its dynamic int8
-            # activations as eager rounds them, in float ops in front of it (onnx_quant.dequantized(fake_quant=True)).
+            # The scheme's integers in 4-bit MatMulNBits (int8 as two planes, fp32 compute; the int8 head on the
+            # int8 kernel) and its dynamic int8 activations as eager rounds them, in float ops in front of it
+            # (onnx_quant.dequantized(fake_quant=True)).
         ),
     )
 }

@@ -21,7 +21,8 @@ int8 paths round differently (DynamicQuantizeLinear: one scale per tensor, not p
 accuracy_level 4: symmetric per block of K) and cannot apply our per-group weight scales after an
 integer GEMM. So each such linear's input is rounded in the graph exactly as torchao rounds it (per
 token, asymmetric int8, in float ops) and MatMulNBits multiplies in fp32 (accuracy_level 0): the .onnx
-computes what the eager quantized model computes, at the cost of int8 arithmetic it does not use.
+computes what the eager quantized model computes, at the cost of int8 arithmetic it does not use; but
+for the int8 head (INT8_COMPUTE), where that cost is most of a decode step.
 """
 
 from __future__ import annotations
