@@ -80,8 +80,8 @@ def _fake_quant_input(mod: nn.Module, args: tuple) -> tuple:
 def _summed_pair(self, x: torch.Tensor) -> torch.Tensor:
     """ActResidual's two rounded rows summed BEFORE its float linear: W fq(x) + W fq(r) = W (fq(x) + fq(r))
     in fp32, so one row goes in. Two rows put MatMulNBits on MLAS's M > 1 path, which dequantizes the
-    whole weight to fp32 at every call: the 270M's head read 2 x ~55 ms a decode step that way. Each
-    row is rounded per slice of `group` inputs, as the pre-hooks would round each part's input."""
+    whole weight to fp32 at every call. Each row is rounded per slice of `group` inputs, as the pre-hooks
+    would round each part's input."""
     from edge.quant.smooth import fake_quant_act
 
     g = self.group or self.in_features
@@ -179,10 +179,9 @@ def _planes(iw: IntWeight) -> list[np.ndarray]:
     return [u] if iw.bits == 4 else [u >> 4, u & 15]
 
 
-# int8 weights multiplied by onnxruntime's int8 kernel (MatMulNBits bits 8, accuracy_level 4): the head, 2/3 of
-# a decode step's bytes. Its two 4-bit planes in fp32 took ~15 ms a token, the 8-bit kernel ~4 (both read
-# 168 MB); onnxruntime then rounds the summed ActResidual rows again (symmetric int8 per block of K), which
-# moved the 270M int4's logits by a mean KLD of 3e-4 from the all-fp32 graph (benchmarks/onnx_accuracy_level.py).
+# int8 weights multiplied by onnxruntime's int8 kernel (MatMulNBits bits 8, accuracy_level 4): the head, most
+# of a decode step's bytes; its two 4-bit planes in fp32 ran ~4x slower. onnxruntime then rounds its input again
+# (symmetric int8 per block of K): the cost in KLD is measured in docs/speed.md, "ONNX".
 INT8_COMPUTE = ("lm_head",)
 
 
