@@ -165,7 +165,7 @@ def test_onnx_carries_the_dynamic_schemes(tmp_path, scheme):
 
     model = tiny_model(2)
     quantize_model(model, SCHEMES[scheme], random_calibration(model.cfg.vocab_size))
-    program, coverage = onnx.convert(model, MAX_SEQ, model.cfg.vocab_size)
+    program, coverage = onnx.convert(model, MAX_SEQ, model.cfg.vocab_size, int8_head=scheme != "int8")  # as api
     path = tmp_path / "q.onnx"
     path.write_bytes(program)
     quantized = {n for n, m in model.named_modules() if hasattr(m._parameters.get("weight"), "qdata")}
@@ -181,7 +181,7 @@ def test_onnx_carries_the_dynamic_schemes(tmp_path, scheme):
              if n.op_type == "MatMulNBits"}  # fmt: skip
     head8 = {n: a for n, a in nbits.items() if a["bits"] == 8}
     assert all(a["bits"] == 4 and a["accuracy_level"] == 0 for n, a in nbits.items() if n not in head8)
-    assert {a["accuracy_level"] for a in head8.values()} == ({4} if scheme != "int4-hqq" else set())
+    assert {a["accuracy_level"] for a in head8.values()} == ({4} if scheme == "int4" else set())
     assert all(n.startswith("lm_head") for n in head8)
     assert any(r["bits"] == 8 for r in coverage) == (scheme != "int4-hqq")
     integers = [i.raw_data for i in graph.initializer if i.data_type == onnx_pkg.TensorProto.UINT8 and len(i.dims) > 1]

@@ -30,11 +30,12 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["tokens", "input_pos", *(f"past_{n}" for n in kv)], ["logits", *(f"present_{n}" for n in kv)]
 
 
-def convert(model: nn.Module, max_seq_len: int, vocab: int) -> tuple[bytes, list[dict]]:
-    """The .onnx bytes, and where each of the scheme's integer weights went (edge/targets/onnx_quant.py)."""
+def convert(model: nn.Module, max_seq_len: int, vocab: int, int8_head: bool = False) -> tuple[bytes, list[dict]]:
+    """The .onnx bytes, and where each of the scheme's integer weights went (edge/targets/onnx_quant.py).
+    `int8_head`: a dynamic int8 head on onnxruntime's int8 kernel (onnx_quant.INT8_COMPUTE), not exact."""
     from torch.export import Dim
 
-    from edge.targets.onnx_quant import dequantized, rewrite
+    from edge.targets.onnx_quant import INT8_COMPUTE, dequantized, rewrite
 
     cfg = model.cfg
     kv = [torch.zeros(1, cfg.n_kv_heads, max_seq_len, cfg.head_dim) for _ in range(2 * cfg.n_layers)]
@@ -52,7 +53,7 @@ def convert(model: nn.Module, max_seq_len: int, vocab: int) -> tuple[bytes, list
         del ep
         proto = program.model_proto
         del program
-    coverage = rewrite(proto, found) if found else []
+    coverage = rewrite(proto, found, INT8_COMPUTE if int8_head else ()) if found else []
     strip_debug_info(proto)
     if proto.ByteSize() >= 2**31:  # protobuf's limit: larger graphs need external data files
         raise NotImplementedError("an .onnx over 2 GB (external data) is not supported by the bundle yet")
@@ -78,9 +79,9 @@ def strip_debug_info(proto) -> None:
         del node.metadata_props[:]
 
 
-def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages) -> Lowered:
+def export(model: nn.Module, max_seq_len: int, backend, meta: dict, stages, int8_head: bool = False) -> Lowered:
     with stages.run("convert", "torch.onnx.export (dynamo), KV cache in and out"), torch.no_grad():
-        program, coverage = convert(model, max_seq_len, meta["vocab_size"])
+        program, coverage = convert(model, max_seq_len, meta["vocab_size"], int8_head)
     inputs, outputs = io_names(meta["n_layers"])
     kv = {"dtype": "float32", "shape": meta["kv_shape"]}
     io = {

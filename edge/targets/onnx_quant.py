@@ -185,9 +185,9 @@ def _planes(iw: IntWeight) -> list[np.ndarray]:
 INT8_COMPUTE = ("lm_head",)
 
 
-def _int8_compute(iw: IntWeight) -> bool:
+def _int8_compute(iw: IntWeight, names: tuple[str, ...]) -> bool:
     # dynamic only: a weight-only scheme's float activations stay exact
-    return iw.bits == 8 and iw.dynamic and iw.kind == "linear" and iw.name.split(".")[0] in INT8_COMPUTE
+    return iw.bits == 8 and iw.dynamic and iw.kind == "linear" and iw.name.split(".")[0] in names
 
 
 def _block(iw: IntWeight) -> int | None:
@@ -199,7 +199,7 @@ def _block(iw: IntWeight) -> int | None:
     return min(b, 256) if b >= 16 else None
 
 
-def rewrite(model_proto, found: dict) -> list[dict]:
+def rewrite(model_proto, found: dict, int8_compute_names: tuple[str, ...] = ()) -> list[dict]:
     """Replace the float uses of the scheme's weights in place; return one coverage row per weight.
 
     Each weight's integers are stored once, as MatMulNBits' 4-bit planes (_Stored) when a MatMul reads
@@ -282,7 +282,11 @@ def rewrite(model_proto, found: dict) -> list[dict]:
         return packed[cid]
 
     read_by_matmul = {content(node) for node in g.node if (iw := matmul_weight(node)) is not None and _block(iw)}
-    int8_compute = {content(node) for node in g.node if (iw := matmul_weight(node)) is not None and _int8_compute(iw)}
+    int8_compute = {
+        content(node)
+        for node in g.node
+        if (iw := matmul_weight(node)) is not None and _int8_compute(iw, int8_compute_names)
+    }
     new_nodes, used = [], set()
     for node in g.node:
         rep: list = []
