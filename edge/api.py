@@ -344,8 +344,8 @@ def export(
         if scheme.float16:
             extra["float16_weights"] = True  # litert only (the backends' scheme lists)
         if plan.backend.family == "onnx" and scheme.name != "int8":
-            # The head on onnxruntime's int8 kernel: ~4x faster, +9e-4 KLD on int4 (3% of its band), but +3.6e-4
-            # on int8, the accuracy scheme (18% of its 0.002): it keeps fp32 compute (docs/speed.md, "ONNX").
+            # The head on onnxruntime's int8 kernel: much faster for a little KLD; int8, the accuracy scheme, keeps
+            # fp32 compute: the same head took a fifth of its band (docs/speed.md, "ONNX").
             extra["int8_head"] = True
         if on_quantized is not None:
             on_quantized(model)
