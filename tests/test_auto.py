@@ -11,7 +11,20 @@ from conftest import random_calibration
 from edge.errors import EdgeError
 from edge.quant import auto
 from edge.quant.schemes import SCHEMES, Scheme
-from edge.quant.sensitivity import _kld, _log_probs
+
+
+def _log_probs(model, texts) -> list[torch.Tensor]:
+    """The plain formula, independent of edge.quant.sensitivity.Reference: log-softmax of each text's logits."""
+    from edge.runtime.eager import EagerRunner
+
+    runner = EagerRunner(model)
+    return [torch.log_softmax(torch.from_numpy(runner.all_logits(list(ids))), -1) for ids in texts]
+
+
+def _kld(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    total = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(ref, got, strict=True))
+    return total / sum(p.shape[0] for p in ref)
+
 
 FRAGILE = "layers.2.mlp.up"
 

@@ -125,7 +125,7 @@ def choose(
     """
     from edge.quant.apply import fold_smoothing, quantize_model
     from edge.quant.sample import sample_sequences
-    from edge.quant.sensitivity import _kld, _log_probs, sensitivity
+    from edge.quant.sensitivity import Reference, sensitivity
 
     base = SCHEMES[BASE]
     names = flexible(model, base, grids)
@@ -135,7 +135,7 @@ def choose(
     sens = sensitivity(model, heads, names, bits=FOUR.bits, group=FOUR.group, progress=tick)
     order = sorted(names, key=lambda n: (sens[n], names.index(n)))
     held_out = sampled_text(model, calib[0][0])
-    ref = _log_probs(model, held_out)
+    ref = Reference(model, held_out)
     # GPTQ's sampled calibration (edge/quant/sample.py, another seed than held_out's): once for all candidates.
     sampled = sample_sequences(model, calib[0][0], base.gptq_samples) if base.gptq_samples else None
     # SmoothQuant's scales depend on none of the choices (its weights are searched at the base's 8 bits):
@@ -149,7 +149,7 @@ def choose(
             q = copy.deepcopy(smoothed)
             scheme = scheme_with(base, order[:n], budget)
             coverage = quantize_model(q, scheme, calib, grids=grids, smoothed=report, sampled=sampled)
-            c = Candidate(n, _kld(ref, _log_probs(q, held_out)), linear_bytes(model, names, set(order[:n])) / 1e6)
+            c = Candidate(n, ref.kld(q), linear_bytes(model, names, set(order[:n])) / 1e6)
             ok = "within" if c.mean_kld <= budget else "over"
             say(f"  auto: {n:>3} / {len(names)} linears at 4 bits: {c.linear_mb:7.1f} MB of linear weights,"
                 f" held-out KLD {c.mean_kld:.5f} ({ok} {budget:g})")  # fmt: skip
