@@ -281,12 +281,9 @@ def rewrite(model_proto, found: dict, int8_compute_names: tuple[str, ...] = ()) 
             packed[cid] = _Stored(names, base + ".scales", zp, block)
         return packed[cid]
 
-    read_by_matmul = {content(node) for node in g.node if (iw := matmul_weight(node)) is not None and _block(iw)}
-    int8_compute = {
-        content(node)
-        for node in g.node
-        if (iw := matmul_weight(node)) is not None and _int8_compute(iw, int8_compute_names)
-    }
+    matmuls = [(node, iw) for node in g.node if (iw := matmul_weight(node)) is not None]
+    read_by_matmul = {content(node) for node, iw in matmuls if _block(iw)}
+    int8_compute = {content(node) for node, iw in matmuls if _int8_compute(iw, int8_compute_names)}
     new_nodes, used = [], set()
     for node in g.node:
         rep: list = []
