@@ -8,6 +8,7 @@ from torch import nn
 
 from conftest import random_calibration
 from edge.models.config import gemma3_layer_types
+from edge.progress import Stages
 from edge.quant.apply import quantize_model
 from edge.quant.schemes import SCHEMES
 from edge.targets import BACKENDS
@@ -21,6 +22,35 @@ def test_the_program_is_the_same_without_the_passes_it_does_not_need(tmp_path, m
     monkeypatch.setattr(et, "xnnpack_passes_for_the_graph", contextlib.nullcontext)  # every pass
     _, full = lower(model, tmp_path, "full.pte")
     assert fast.program == full.program
+
+
+def test_the_program_is_the_same_without_to_edges_second_functionalization(monkeypatch):
+    """to_edge's own run_decompositions({}) on a program trace() already ran it on is left out: the same bytes."""
+    from torch.export import ExportedProgram
+
+    model = tiny_model(n_kv_heads=2, seed=3, n_layers=2, layer_types=gemma3_layer_types(2, pattern=2))
+    quantize_model(model, SCHEMES["int4"], random_calibration(256))
+    calls = []
+    run = ExportedProgram.run_decompositions
+
+    def spy(self, table=None, *args, **kwargs):
+        calls.append(table)
+        return run(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(ExportedProgram, "run_decompositions", spy)
+    meta = et.metadata(model.cfg, 64, 2, [1], model.cfg.vocab_size, True)
+
+    def lowered():  # with the weights in model.ptd, as the bundles have them
+        return et.export(model, 64, BACKENDS["xnnpack"], meta, Stages(), external_weights=True)
+
+    once = lowered()
+    skipped = list(calls)
+    calls.clear()
+    monkeypatch.setattr(et, "functionalized_once", lambda ep: contextlib.nullcontext())
+    twice = lowered()
+    empty = lambda ts: sum(type(t) is dict and not t for t in ts)  # noqa: E731  (a CustomDecompTable == {})
+    assert (empty(skipped), empty(calls)) == (1, 2)  # trace()'s; then to_edge's too
+    assert once.program == twice.program and once.files == twice.files and once.files
 
 
 def test_a_pass_whose_operator_is_there_still_runs(monkeypatch):

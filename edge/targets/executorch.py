@@ -467,12 +467,36 @@ def vulkan_linear_outputs_kept() -> Iterator[None]:
         ql.QuantizedLinearMatch.__init__ = init
 
 
+@contextmanager
+def functionalized_once(ep) -> Iterator[None]:
+    """to_edge_transform_and_lower starts with `program.run_decompositions({})` (exir/program/_program.py,
+    _gen_edge_manager_for_partitioners: "Functionalize program before asking partitioners to preserve
+    ops"); every program we lower has had exactly that call (trace, lower_module), and a second one
+    retraces the whole graph for the same program: ~a fifth of a lowering (py-spy, docs/export-cost.md).
+    While lowering, that call on `ep` itself returns it."""
+    from torch.export import ExportedProgram
+
+    run = ExportedProgram.run_decompositions
+
+    def once(self, decomp_table=None, *args, **kwargs):
+        # an empty dict exactly: ExecuTorch's CustomDecompTable (a dict subclass) compares equal to {} however full
+        if self is ep and type(decomp_table) is dict and not decomp_table and not args and not kwargs:
+            return self
+        return run(self, decomp_table, *args, **kwargs)
+
+    ExportedProgram.run_decompositions = once
+    try:
+        yield
+    finally:
+        ExportedProgram.run_decompositions = run
+
+
 def _lower(ep, backend: Backend, meta: dict | None = None):
     import executorch.kernels.quantized  # noqa: F401  (out variants of quantized_decomposed::embedding_*)
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     def lower(checked: bool):
-        with compact_dependency_viewers(), xnnpack_passes_for_the_graph():
+        with compact_dependency_viewers(), xnnpack_passes_for_the_graph(), functionalized_once(ep):
             return to_edge_transform_and_lower(
                 ep,
                 transform_passes=[infer_symbolic_view_dims],
