@@ -24,8 +24,9 @@ def test_the_program_is_the_same_without_the_passes_it_does_not_need(tmp_path, m
     assert fast.program == full.program
 
 
-def test_the_program_is_the_same_without_to_edges_second_functionalization(monkeypatch):
-    """to_edge's own run_decompositions({}) on a program trace() already ran it on is left out: the same bytes."""
+def test_the_program_is_the_same_functionalized_once_and_preprocessed_in_parallel(monkeypatch):
+    """to_edge's own run_decompositions({}) on a program trace() already ran it on is left out, and XNNPACK's
+    partitions are preprocessed by two forked workers: the same bytes as ExecuTorch's own way (both serial)."""
     from torch.export import ExportedProgram
 
     model = tiny_model(n_kv_heads=2, seed=3, n_layers=2, layer_types=gemma3_layer_types(2, pattern=2))
@@ -43,14 +44,18 @@ def test_the_program_is_the_same_without_to_edges_second_functionalization(monke
     def lowered():  # with the weights in model.ptd, as the bundles have them
         return et.export(model, 64, BACKENDS["xnnpack"], meta, Stages(), external_weights=True)
 
-    once = lowered()
-    skipped = list(calls)
+    parallel = et.xnnpack_preprocess_in_parallel
+    monkeypatch.setattr(et, "xnnpack_preprocess_in_parallel", lambda: parallel(2))  # on any machine
+    ours = lowered()
+    ours_calls = list(calls)
     calls.clear()
     monkeypatch.setattr(et, "functionalized_once", lambda ep: contextlib.nullcontext())
-    twice = lowered()
+    monkeypatch.setattr(et, "xnnpack_preprocess_in_parallel", lambda: parallel(1))
+    stock = lowered()
     empty = lambda ts: sum(type(t) is dict and not t for t in ts)  # noqa: E731  (a CustomDecompTable == {})
-    assert (empty(skipped), empty(calls)) == (1, 2)  # trace()'s; then to_edge's too
-    assert once.program == twice.program and once.files == twice.files and once.files
+    assert (empty(ours_calls), empty(calls)) == (1, 2)  # trace()'s; then to_edge's too
+    assert ours.delegation["delegate_calls"] >= 2  # partitions for both workers
+    assert ours.program == stock.program and ours.files == stock.files and ours.files
 
 
 def test_a_pass_whose_operator_is_there_still_runs(monkeypatch):

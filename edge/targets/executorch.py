@@ -467,6 +467,65 @@ def vulkan_linear_outputs_kept() -> Iterator[None]:
         ql.QuantizedLinearMatch.__init__ = init
 
 
+# The partitions a forked worker preprocesses: set before the fork, so the workers inherit them, not pickle them.
+_PREPROCESS_JOBS: list = []
+
+
+def _preprocess_job(i: int):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler, which unwinds the export's cleanup
+    torch.set_num_threads(1)  # one core per worker
+    backend, program, specs = _PREPROCESS_JOBS[i]
+    return i, backend.preprocess(program, specs)
+
+
+@contextmanager
+def xnnpack_preprocess_in_parallel(workers: int | None = None) -> Iterator[None]:
+    """BackendDetails.preprocess_multimethod preprocesses XNNPACK's partitions one after another; each is its
+    own program (a deep copy, exir/backend/backend_api.py) and its result only bytes: with more than one core
+    free, forked workers take them in parallel. The same bytes, in the same order (tests/test_lowering_passes.py)."""
+    import os
+
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir.backend.backend_details import BackendDetails
+
+    workers = workers or len(os.sched_getaffinity(0))
+    serial = BackendDetails.preprocess_multimethod.__func__
+    own = XnnpackBackend.__dict__.get("preprocess_multimethod")
+
+    def parallel(cls, edge_programs, compile_specs):
+        import multiprocessing
+
+        jobs = [(m, k) for m, programs in edge_programs.items() for k in range(len(programs))]
+        if workers < 2 or len(jobs) < 2:
+            return serial(cls, edge_programs, compile_specs)
+        _PREPROCESS_JOBS[:] = [(cls, edge_programs[m][k], compile_specs[m][k]) for m, k in jobs]
+        pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)))
+        try:
+            done = dict(pool.imap_unordered(_preprocess_job, range(len(jobs))))
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
+            _PREPROCESS_JOBS.clear()
+        out = {m: [None] * len(programs) for m, programs in edge_programs.items()}
+        for i, (m, k) in enumerate(jobs):
+            out[m][k] = done[i]
+        return out
+
+    XnnpackBackend.preprocess_multimethod = classmethod(parallel)
+    try:
+        yield
+    finally:
+        if own is None:
+            del XnnpackBackend.preprocess_multimethod
+        else:
+            XnnpackBackend.preprocess_multimethod = own
+
+
 @contextmanager
 def functionalized_once(ep) -> Iterator[None]:
     """to_edge_transform_and_lower starts with `program.run_decompositions({})` (exir/program/_program.py,
@@ -496,7 +555,12 @@ def _lower(ep, backend: Backend, meta: dict | None = None):
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
     def lower(checked: bool):
-        with compact_dependency_viewers(), xnnpack_passes_for_the_graph(), functionalized_once(ep):
+        with (
+            compact_dependency_viewers(),
+            xnnpack_passes_for_the_graph(),
+            functionalized_once(ep),
+            xnnpack_preprocess_in_parallel(),
+        ):
             return to_edge_transform_and_lower(
                 ep,
                 transform_passes=[infer_symbolic_view_dims],
