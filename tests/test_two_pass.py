@@ -64,6 +64,25 @@ def test_the_head_recomputes_its_best_rows_exactly_and_estimates_the_rest():
     assert BLOCK * 64 <= q.shape[0]  # the two-stage top-k was the path taken
 
 
+def test_the_high_plane_lowers_exactly(tmp_path):
+    """The first pass alone, lowered = eager to float rounding: XNNPACK stores a 4-bit per-channel linear's
+    scales in bf16 (as one group of the whole row), so the eager head rounds them the same way (with fp32
+    scales the two differed by 1.8e-3 of the output)."""
+    from executorch.runtime import Runtime
+
+    from edge.targets import BACKENDS
+    from edge.targets.executorch import lower_module
+
+    q, s = _table(v=2048, d=640)
+    high = TwoPassHead(q, s, 64).high
+    x = torch.randn(3, 640, generator=torch.Generator().manual_seed(1))
+    path = tmp_path / "high.pte"
+    path.write_bytes(lower_module(high, (x,), BACKENDS["xnnpack"]))
+    got = Runtime.get().load_program(str(path)).load_method("forward").execute([x])[0]
+    want = high(x)
+    assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
 def _kld(p_logits, q_logits) -> float:
     p, q = (np.exp(z - z.max()) / np.exp(z - z.max()).sum() for z in (p_logits.astype(np.float64), q_logits))
     return float((p * (np.log(p) - np.log(q))).sum())

@@ -101,7 +101,9 @@ class TwoPassHead(nn.Module):
         self.in_features, self.out_features, self.exact_rows = in_f, out_f, rows
         self.planes = Planes(q, scale)
         u = q.to(torch.int16) + 128  # 16 H + L
-        s16 = 16 * scale.reshape(-1, 1).float()
+        # bf16, as the .pte stores them: XNNPACK takes a 4-bit per-channel linear as one group of the whole row
+        # (qb4w, bf16 scales; executorch backends/xnnpack/operators/quant_params.py, "int4 case need more fixes")
+        s16 = (16 * scale.reshape(-1, 1).float()).to(torch.bfloat16).float()
         self.high = nn.Linear(in_f, out_f, bias=False)
         self.high.weight = nn.Parameter(((u >> 4) - 8).float() * s16, requires_grad=False)  # H - 8: -8..7
         install_intx(self.high, 4, None, s16)  # 8da4w per channel: torchao's int4 values are H - 8 exactly
