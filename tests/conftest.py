@@ -115,10 +115,15 @@ TINY = dict(
 )
 
 
-# The same registration as Python source, for `edge` run in a subprocess.
+# The same with a small vocabulary, for exports whose test does not read the real tokenizer's ids: the
+# vocabulary is most of a tiny model's cost (its head, its sampled text, each KLD over 262144 ids).
+SMALL = TINY | {"vocab_size": 4096}
+
+# The same registrations as Python source, for `edge` run in a subprocess.
 REGISTER = (
     "from edge.models.variants import VARIANTS, Variant; from edge.models.config import *; "
-    f"VARIANTS['tiny-test'] = Variant('tiny-test', ('tiny',), GemmaConfig(**{TINY!r}))"
+    f"VARIANTS['tiny-test'] = Variant('tiny-test', ('tiny',), GemmaConfig(**{TINY!r})); "
+    f"VARIANTS['tiny-small'] = Variant('tiny-small', (), GemmaConfig(**{SMALL!r}))"
 ).replace("<Family.GEMMA3: 'gemma3'>", "Family.GEMMA3")
 
 
@@ -135,8 +140,10 @@ def tiny_variant():
     from edge.models.variants import VARIANTS, Variant
 
     VARIANTS["tiny-test"] = Variant("tiny-test", ("tiny",), GemmaConfig(**TINY))
+    VARIANTS["tiny-small"] = Variant("tiny-small", (), GemmaConfig(**SMALL))
     yield
     VARIANTS.pop("tiny-test")
+    VARIANTS.pop("tiny-small")
 
 
 @pytest.fixture(scope="session")

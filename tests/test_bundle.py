@@ -124,7 +124,7 @@ def test_an_export_killed_at_any_stage_leaves_no_bundle_and_the_next_run_cleans_
     """SIGKILL (no handler runs) at the start of each stage in turn: never a folder with a manifest at
     --out, and the next export, same arguments, succeeds and removes the dead runs' work folders."""
     out = tmp_path / "killed"
-    export = f"api.export('tiny-test', 'linux', random_weights=True, max_seq_len=64, out={str(out)!r})"
+    export = f"api.export('tiny-small', 'linux', random_weights=True, max_seq_len=64, out={str(out)!r})"
     code = f"{REGISTER}; from edge import api; {export}"
     for stage in STAGES:
         p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)

@@ -134,9 +134,9 @@ def test_the_source_identity_is_the_content(tmp_path):
 
 
 def test_an_export_from_the_cache_writes_the_same_artifact(tmp_path, cache_root):
-    a = api.export("tiny-test", "linux", "xnnpack", "int4", random_weights=True, max_seq_len=32, out=tmp_path / "a")
+    a = api.export("tiny-small", "linux", "xnnpack", "int4", random_weights=True, max_seq_len=32, out=tmp_path / "a")
     assert len(cache.entries()) == 1
-    b = api.export("tiny-test", "linux", "xnnpack", "int4", random_weights=True, max_seq_len=32, out=tmp_path / "b")
+    b = api.export("tiny-small", "linux", "xnnpack", "int4", random_weights=True, max_seq_len=32, out=tmp_path / "b")
     assert next(s for s in b["stages"] if s["name"] == "quantize")["seconds"] < 5  # a hit, not a second quantization
     assert a["files"] == b["files"]  # sha256 and size of every file, the artifact's included
     assert a["quant"]["coverage"] == b["quant"]["coverage"]
