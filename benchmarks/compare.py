@@ -1,6 +1,6 @@
 """Our bundles side by side with llama.cpp and eager PyTorch on this machine, in ONE run.
 
-    .venv/bin/python benchmarks/compare.py --bundle exports/gemma3-270m-android-xnnpack-int4 \\
+    .venv/bin/python benchmarks/compare.py --bundle exports/gemma3-270m-android-xnnpack-int4-2pass \\
         --bundle exports/gemma3-270m-linux-xnnpack-int8 --out docs/compare
 
 Every contender runs in its own process (its peak RSS is its own), the same 128-token prompt (real

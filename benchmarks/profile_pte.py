@@ -1,6 +1,6 @@
 """Where a bundle's .pte spends its time: per-operator time of one prefill and of decode steps, from ETDump.
 
-    .venv/bin/python benchmarks/profile_pte.py exports/gemma3-270m-android-xnnpack-int4 \\
+    .venv/bin/python benchmarks/profile_pte.py exports/gemma3-270m-android-xnnpack-int4-2pass \\
         --prompt-len 128 --threads 2 --steps 16 --out /tmp/profile-int4
 
 Two passes over the same work, one after the other in this process:
