@@ -477,7 +477,7 @@ def _preprocess_job(i: int):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler, which unwinds the export's cleanup
     torch.set_num_threads(1)  # one core per worker
     backend, program, specs = _PREPROCESS_JOBS[i]
-    return i, backend.preprocess(program, specs)
+    return backend.preprocess(program, specs)
 
 
 @contextmanager
@@ -503,7 +503,7 @@ def xnnpack_preprocess_in_parallel(workers: int | None = None) -> Iterator[None]
         _PREPROCESS_JOBS[:] = [(cls, edge_programs[m][k], compile_specs[m][k]) for m, k in jobs]
         pool = multiprocessing.get_context("fork").Pool(min(workers, len(jobs)))
         try:
-            done = dict(pool.imap_unordered(_preprocess_job, range(len(jobs))))
+            done = pool.map(_preprocess_job, range(len(jobs)), chunksize=1)  # in the jobs' order
             pool.close()
         except BaseException:
             pool.terminate()
