@@ -17,6 +17,13 @@ _QUANT_CACHE = tempfile.mkdtemp(prefix="edge-quant-cache-")
 os.environ.setdefault("EDGE_QUANT_CACHE", _QUANT_CACHE)
 atexit.register(shutil.rmtree, _QUANT_CACHE, True)
 torch.set_grad_enabled(False)
+# pytest-xdist's workers share the cores: each library's default, a thread per core (torch's OpenMP, ExecuTorch's
+# and onnxruntime's pools), would put 2 threads a worker on 2 cores, and idle OpenMP threads spin, so small ops ran
+# 1.3-10x slower than on one thread while the other worker was busy (docs/testing.md). Subprocesses inherit the env.
+_THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+os.environ.setdefault("EDGE_THREADS", str(_THREADS))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # `make test` runs two pytest-xdist workers: every file is a unit of its own, run whole by one worker,
 # in collection order, except the real 270M exports, one unit that goes first: one worker exports

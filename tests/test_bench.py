@@ -69,3 +69,20 @@ def test_bench_refuses_bad_input_with_a_hint(tiny_bundle, args, says):
 def test_bench_of_a_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(EdgeError):
         api.bench(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("value", ["two", "0"])
+def test_edge_threads_that_is_not_a_count_is_refused(tiny_bundle, monkeypatch, value):
+    monkeypatch.setenv("EDGE_THREADS", value)
+    with pytest.raises(EdgeError, match="EDGE_THREADS") as e:
+        api.open_runner(bundle_mod.load(tiny_bundle["path"]))
+    assert "whole number" in e.value.hint
+
+
+def test_edge_threads_is_the_runners_default(monkeypatch):
+    from edge.runtime.runners import default_threads
+
+    monkeypatch.setenv("EDGE_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("EDGE_THREADS")
+    assert default_threads() is None

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from edge.errors import EdgeError
 from edge.targets import BACKENDS  # the table only: no backend module (nor torch) is imported
 
 
+def default_threads() -> int | None:
+    """`EDGE_THREADS`, where set: the runners' threads when the caller names none (else each runtime's
+    default, a thread per core). For processes that share the cores, e.g. the tests' parallel workers."""
+    value = os.environ.get("EDGE_THREADS")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise EdgeError(f"EDGE_THREADS={value!r} is not a thread count", hint="a whole number >= 1, or unset it")
+    return int(value)
+
+
 def open_runner(manifest: dict, threads: int | None = None):
     """The runner for a verified bundle's artifact on this host."""
+    threads = threads or default_threads()
     backend = BACKENDS.get(manifest["backend"])
     if backend is None or not backend.runs_here:
         raise EdgeError(
