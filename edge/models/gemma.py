@@ -201,8 +201,8 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x (B*T, dim) rows, token-major; pos (T,); cos, sin (T, 1, D); mask (G*T, S) additive, the (T, S) mask
-        repeated for each of the G query heads that share a KV head (None for a fused cache: causal from the
+        """x (B*T, dim) rows, token-major; pos (T,); cos, sin (T, 1, D); mask (T*G, S) additive, each row of the (T, S)
+        mask repeated for the G query heads that share a KV head (None for a fused cache: causal from the
         current position). Returns (B*T, dim).
 
         `cache` replaces the layer's own cache for this call (anything with KVCache.update's
@@ -221,22 +221,22 @@ class Attention(nn.Module):
         if getattr(cache, "fused", False):  # an export's cache that also attends (edge/targets/executorch.py)
             out = cache.attend(q, k, v, pos, mask, self.scale)  # token-major in and out: (B, T, Hq, D)
             return self.wo(out.reshape(N, self.n_heads * D))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
         k_all, v_all = cache.update(pos, k, v)  # (B, Hkv, S, D)
 
         # Fold: query heads j*G .. j*G+G-1 share KV head j (transformers' repeat_kv order), so
-        # (B, Hq, T, D) -> (B, Hkv, G*T, D) attends to k_all with no K/V expansion.
-        # 3-D bmm, not a 4-D matmul: torch.matmul broadcasts through an expand of the token-sized
-        # operand, which XNNPACK does not take with a dynamic size.
+        # (B, T, Hq, D) -> (B, Hkv, T*G, D), rows (t, g), attends to k_all with no K/V expansion; with one KV
+        # head both folds are views. 3-D bmm, not a 4-D matmul: torch.matmul broadcasts through an expand of
+        # the token-sized operand, which XNNPACK does not take with a dynamic size.
         S = k_all.shape[2]
-        qf = q.reshape(B * self.n_kv, G * T, D)
+        qf = q.view(B, T, self.n_kv, G, D).transpose(1, 2).reshape(B * self.n_kv, T * G, D)
         scores = torch.bmm(qf, k_all.reshape(B * self.n_kv, S, D).transpose(1, 2)) * self.scale
         if self.cfg.attn_softcap is not None:
             scores = torch.tanh(scores / self.cfg.attn_softcap) * self.cfg.attn_softcap
-        scores = scores + mask  # (B*Hkv, G*T, S) + (G*T, S): the same mask for every group
+        scores = scores + mask  # (B*Hkv, T*G, S) + (T*G, S): the same mask for every group
         probs = F.softmax(scores.float(), dim=-1).type_as(q)
-        out = torch.bmm(probs, v_all.reshape(B * self.n_kv, S, D))  # (B*Hkv, G*T, D)
-        out = out.reshape(B, self.n_heads, T, D).transpose(1, 2).reshape(N, self.n_heads * D)
+        out = torch.bmm(probs, v_all.reshape(B * self.n_kv, S, D))  # (B*Hkv, T*G, D)
+        out = out.view(B, self.n_kv, T, G * D).transpose(1, 2).reshape(N, self.n_heads * D)
         return self.wo(out)
 
 
@@ -358,7 +358,8 @@ class Gemma(nn.Module):
         G = self.cfg.n_heads // self.cfg.n_kv_heads  # each mask repeated once here, not in every layer
         for local, name, mask in ((False, "global", global_mask), (True, "local", local_mask)):
             cos, sin = rope(pos, getattr(self, f"rope_inv_freq_{name}"))
-            tables[local] = (cos.to(dtype), sin.to(dtype), mask.repeat(G, 1))  # (T, 1, D), (T, 1, D), (G*T, S)
+            mask = mask[:, None].expand(T, G, mask.shape[-1]).reshape(T * G, -1)  # (T*G, S): rows (t, g)
+            tables[local] = (cos.to(dtype), sin.to(dtype), mask)  # (T, 1, D), (T, 1, D), (T*G, S)
         for i, layer in enumerate(self.layers):
             cos, sin, mask = tables[layer.local]
             cache = caches[i] if caches is not None else None
