@@ -602,8 +602,8 @@ def trace(model: nn.Module, max_seq_len: int, backend: Backend, vocab: int):
     # T <= max_seq_len - 1: the runner refuses prompts that fill the whole context.
     shapes = ({1: Dim("seq", min=1, max=max_seq_len - 1)}, None) if dynamic else None
     with torch.no_grad(), kv_writes_for(model, backend) as kv_write, linear_forms(), folded_norms(model):
-        # Non-strict (Python runs the model, no dynamo): the same program (the 270M int4-2pass's outputs bitwise
-        # equal), traced in a third of strict's time on a tiny model (docs/export-cost.md).
+        # Non-strict (Python runs the model, no dynamo): the same program as strict (the 270M's logits bitwise
+        # equal), traced faster on small models (docs/export-cost.md).
         ep = torch.export.export(wrapper, example, dynamic_shapes=shapes, strict=False)
         # index_copy_ (the cache write) has no ExecuTorch kernel: decompose it to index_put.
         return ep.run_decompositions({}), kv_write
